@@ -1,0 +1,46 @@
+"""The `barlow` command: one thin subcommand per module.
+
+Each module named in COMMANDS provides `add_arguments(parser)` and `run(args) -> int`. Modules are
+imported only for the command that runs, so `barlow --help` is instant and `barlow shards` never
+imports onnxruntime or bentoml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from pipeline.errors import UserError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "shards": ("pipeline.shards", "write WebDataset shards from an image folder or Fashion-MNIST"),
+    "train": ("pipeline.train", "Barlow Twins pretraining; writes RUN_DIR with checkpoints and encoder.pt"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="barlow", description="Barlow Twins pretraining and embedding.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, summary) in COMMANDS.items():
+        commands.add_parser(name, help=summary, add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    module_name, summary = COMMANDS[args.command]
+    module = importlib.import_module(module_name)
+    command_parser = argparse.ArgumentParser(prog=f"barlow {args.command}", description=summary)
+    module.add_arguments(command_parser)
+    command_args = command_parser.parse_args(rest)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(module.run(command_args) or 0)
+    except UserError as exc:
+        print(f"barlow {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"barlow {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Encoder (torchvision ResNet, fc removed) and the Barlow Twins projector."""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+from pipeline.errors import UserError
+
+ARCHS = ("resnet18", "resnet34", "resnet50")
+
+
+def build_encoder(arch: str, small_stem: bool = False) -> tuple[nn.Module, int]:
+    """A randomly initialised ResNet backbone and its feature dimension.
+
+    `zero_init_residual=True` as in the paper; the small stem (3x3 stride-1 conv, no max-pool) keeps
+    spatial resolution for images of 64 px or less, as on CIFAR.
+    """
+    if arch not in ARCHS:
+        raise UserError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    encoder = getattr(torchvision.models, arch)(weights=None, zero_init_residual=True)
+    dim = encoder.fc.in_features
+    encoder.fc = nn.Identity()
+    if small_stem:
+        encoder.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(encoder.conv1.weight, mode="fan_out", nonlinearity="relu")
+        encoder.maxpool = nn.Identity()
+    return encoder, dim
+
+
+def build_projector(spec: str, in_dim: int) -> nn.Sequential:
+    """`8192-8192-8192` -> Linear-BN-ReLU blocks and a last bias-free Linear, as in the paper."""
+    try:
+        sizes = [in_dim] + [int(s) for s in spec.split("-")]
+    except ValueError:
+        raise UserError(f"projector spec must look like 8192-8192-8192, not {spec!r}") from None
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise UserError(f"projector spec must look like 8192-8192-8192, not {spec!r}")
+    layers: list[nn.Module] = []
+    for inp, out in zip(sizes[:-2], sizes[1:-1]):
+        layers += [nn.Linear(inp, out, bias=False), nn.BatchNorm1d(out), nn.ReLU(inplace=True)]
+    layers.append(nn.Linear(sizes[-2], sizes[-1], bias=False))
+    return nn.Sequential(*layers)
+
+
+class BarlowTwins(nn.Module):
+    """Backbone + projector; `forward` maps both views to projector outputs in one pass."""
+
+    def __init__(self, arch: str, small_stem: bool, projector: str):
+        super().__init__()
+        self.backbone, self.feature_dim = build_encoder(arch, small_stem)
+        self.projector = build_projector(projector, self.feature_dim)
+
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Two backbone calls, not one on the concatenation: BatchNorm statistics stay per view,
+        # as in the official implementation.
+        return self.projector(self.backbone(view1)), self.projector(self.backbone(view2))

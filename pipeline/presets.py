@@ -1,0 +1,33 @@
+"""Training recipes as data: each preset is a dict of overrides on the defaults in `config.py`.
+
+The defaults are the paper's ImageNet recipe, so `imagenet` is empty; the others say only what
+they change and why.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Zbontar et al. 2021: ResNet-50, projector 8192-8192-8192, batch 2048, 1000 epochs, LARS 0.2/0.0048.
+    "imagenet": {},
+    # Fashion-MNIST at 32 px: ResNet-18 with the small stem. Like solo-learn/lightly on CIFAR, no blur at
+    # 32 px (a 23-px kernel on a 32-px image erases the object); solarize kept for view 2.
+    "fmnist": {
+        "views": {"image_size": 32, "crop_scale": [0.2, 1.0], "blur_p": [0.0, 0.0],
+                  "mean": [0.286, 0.286, 0.286], "std": [0.353, 0.353, 0.353]},
+        "model": {"arch": "resnet18", "small_stem": True, "projector": "2048-2048-2048"},
+        "optim": {"batch_size": 256, "warmup_epochs": 2},
+        "data": {"workers": 2},
+        "train": {"epochs": 30, "log_every": 10, "diag_every": 50, "checkpoint_every": 200},
+    },
+    # Seconds on a CPU: for tests and smoke runs. Same code path, tiny sizes.
+    "tiny": {
+        "views": {"image_size": 16, "crop_scale": [0.3, 1.0], "blur_p": [0.0, 0.0],
+                  "mean": [0.286, 0.286, 0.286], "std": [0.353, 0.353, 0.353]},
+        "model": {"arch": "resnet18", "small_stem": True, "projector": "64-64"},
+        "optim": {"batch_size": 16, "warmup_epochs": 1},
+        "data": {"workers": 1, "shuffle_buffer": 64},
+        "train": {"epochs": 2, "log_every": 1, "diag_every": 4, "checkpoint_every": 4},
+    },
+}
