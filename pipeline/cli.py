@@ -17,6 +17,7 @@ from pipeline.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "shards": ("pipeline.shards", "write WebDataset shards from an image folder or Fashion-MNIST"),
     "train": ("pipeline.train", "Barlow Twins pretraining; writes RUN_DIR with checkpoints and encoder.pt"),
+    "demo": ("pipeline.demo", "the whole flow on Fashion-MNIST, sized for a laptop"),
 }
 
 

@@ -120,7 +120,8 @@ def _coerce(value: Any, like: Any, key: str) -> Any:
     if isinstance(like, int) and isinstance(value, float) and value.is_integer():
         return int(value)
     if type(value) is not type(like):
-        raise UserError(f"{key} must be a {type(like).__name__}, not {value!r}")
+        kind = {int: "an integer", float: "a number", str: "a string"}.get(type(like), type(like).__name__)
+        raise UserError(f"{key} must be {kind}, not {value!r}")
     return value
 
 

@@ -1,0 +1,43 @@
+# make demo: the whole flow on Fashion-MNIST.   make test: the test suite (what CI runs).
+# Both create .venv, install the project with its dev extra and the Fashion-MNIST Debian package when
+# missing; re-running skips what is already installed.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist
+DEMO_DIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: demo test install data bench clean
+
+demo: install data
+	$(BIN)/barlow demo --out $(DEMO_DIR)
+
+test: install data
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "barlow-embed needs Python >= 3.11; set PYTHON=python3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+data:
+	@if [ -d $(FMNIST) ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then \
+		echo "installing the Debian package dataset-fashion-mnist"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+		echo "Fashion-MNIST is missing; run: sudo apt-get install dataset-fashion-mnist"; exit 1; \
+	fi
+
+bench: install data
+	$(BIN)/python bench/train_throughput.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,43 @@
+"""Collapse diagnostics and the Prometheus exporter of training figures."""
+
+import socket
+import urllib.request
+
+import torch
+
+from pipeline.diagnostics import MetricsLog, PrometheusGauges, normalized_std, rankme
+
+
+def test_rankme_counts_effective_dimensions():
+    assert abs(rankme(torch.eye(32)) - 32) < 1e-3
+    rank_one = torch.randn(64, 1) @ torch.randn(1, 16)
+    assert rankme(rank_one) < 1.01
+    healthy = torch.randn(256, 16)
+    assert 12 < rankme(healthy) <= 16
+
+
+def test_normalized_std_is_zero_at_collapse_and_about_inverse_sqrt_d_when_healthy():
+    assert normalized_std(torch.ones(128, 64)) < 1e-6
+    assert abs(normalized_std(torch.randn(4096, 64)) - 64 ** -0.5) < 0.01
+
+
+def test_metrics_log_drops_steps_after_the_resume_point(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(f'{{"step": {s}}}\n' for s in range(1, 8)) + '{"step": 8, "lo')  # torn last line
+    log = MetricsLog(path, resume_step=4)
+    log.write({"step": 5, "loss": 1.0})
+    assert [r["step"] for r in log.records()] == [1, 2, 3, 4, 5]
+
+
+def test_prometheus_gauges_are_scrapable():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    gauges = PrometheusGauges(port)
+    try:
+        gauges.update({"step": 7, "loss": 123.5, "images_per_s": 42.0, "rankme": 9.5})
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        gauges.close()
+    assert "barlow_train_loss 123.5" in text and "barlow_train_step 7.0" in text
+    assert "barlow_train_images_per_second 42.0" in text and "barlow_train_rankme 9.5" in text
