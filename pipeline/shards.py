@@ -1,0 +1,297 @@
+"""`barlow shards`: turn an image folder or Fashion-MNIST into WebDataset tar shards.
+
+Training streams shards sequentially instead of opening millions of small files, which is what keeps
+GPUs fed from network storage. Each sample is `{key}.jpg` (original JPEG bytes, never re-encoded) or
+`{key}.png` (lossless sources), `{key}.cls` (class id) when labelled and `{key}.json` (source, size,
+label name). `index.json` beside the shards records counts, classes and every skipped file, so a bad
+file is reported, never fatal. The walk is sorted: the same input always gives the same shards.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = {"train": "train", "test": "t10k"}
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+SHARD_PATTERN = "shard-%06d.tar"
+DEFAULT_PER_SHARD = 5000
+JPEG_FORMATS = {"JPEG", "MPO"}  # MPO: multi-picture JPEG from phone cameras, still a plain JPEG to decoders
+PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}  # modes PNG stores without conversion
+
+
+@dataclass
+class Sample:
+    """One image ready to be written: encoded bytes plus what goes into `{key}.json`."""
+
+    key: str
+    ext: str  # "jpg" or "png"
+    data: bytes
+    width: int
+    height: int
+    source: str
+    label: int | None = None
+
+
+# ---------------------------------------------------------------- Fashion-MNIST
+
+
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    """An IDX file (big-endian header: magic, then one uint32 per dimension; uint8 payload)."""
+    try:
+        raw = gzip.decompress(path.read_bytes())
+    except (OSError, EOFError) as exc:
+        raise UserError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    ndim = magic & 0xFF
+    header = np.frombuffer(raw[: 4 * (ndim + 1)], dtype=">u4")
+    if len(header) != ndim + 1 or header[0] != magic:
+        raise UserError(f"{path} is not an IDX file of the expected kind (magic {magic:#x})")
+    shape = tuple(int(d) for d in header[1:])
+    payload = np.frombuffer(raw, dtype=np.uint8, offset=4 * (ndim + 1))
+    if payload.size != int(np.prod(shape)):
+        raise UserError(f"{path} is truncated: expected {int(np.prod(shape))} bytes of data, got {payload.size}")
+    return payload.reshape(shape)
+
+
+def read_fashion_mnist(split: str, root: Path = FASHION_MNIST_DIR) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST `train` or `test` as (images uint8 [N, 28, 28], labels int64 [N])."""
+    if split not in FASHION_MNIST_FILES:
+        raise UserError(f"unknown Fashion-MNIST split {split!r}; use train or test")
+    stem = FASHION_MNIST_FILES[split]
+    images_path = root / f"{stem}-images-idx3-ubyte.gz"
+    labels_path = root / f"{stem}-labels-idx1-ubyte.gz"
+    if not images_path.is_file() or not labels_path.is_file():
+        raise UserError(
+            f"Fashion-MNIST is not installed in {root}; run `sudo apt-get install dataset-fashion-mnist`"
+        )
+    images = _read_idx(images_path, 0x803)
+    labels = _read_idx(labels_path, 0x801).astype(np.int64)
+    if len(images) != len(labels):
+        raise UserError(f"Fashion-MNIST {split}: {len(images)} images but {len(labels)} labels")
+    return images, labels
+
+
+def _fashion_mnist_samples(split: str, limit: int | None) -> tuple[Iterator[Sample], int, list[str]]:
+    images, labels = read_fashion_mnist(split)
+    count = len(images) if limit is None else min(limit, len(images))
+
+    def samples() -> Iterator[Sample]:
+        for i in range(count):
+            buffer = io.BytesIO()
+            Image.fromarray(images[i]).save(buffer, format="PNG")  # uint8 [28, 28]: grayscale
+            yield Sample(
+                key=f"{i:06d}", ext="png", data=buffer.getvalue(), width=28, height=28,
+                source=f"fashion-mnist:{split}/{i}", label=int(labels[i]),
+            )
+
+    return samples(), count, list(FASHION_MNIST_CLASSES)
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".")
+
+
+def _walk(root: Path) -> list[Path]:
+    """Every non-hidden file under root, relative, in sorted order (the shard order)."""
+    found, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a symlink cycle: each real folder once
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if _visible(d))
+        base = Path(folder).relative_to(root)
+        found.extend(base / f for f in sorted(files) if _visible(f))
+    return found
+
+
+def sample_key(relative: Path) -> str:
+    """A WebDataset key from a relative path: no extension, no dots (webdataset splits keys at the
+    first dot), only [A-Za-z0-9_-] inside each component, components joined by '/'."""
+    parts = list(relative.with_suffix("").parts)
+    cleaned = [re.sub(r"[^A-Za-z0-9_-]+", "_", p).strip("_") or "_" for p in parts]
+    return "/".join(cleaned)
+
+
+def _unique(key: str, used: set[str]) -> str:
+    candidate, n = key, 1
+    while candidate in used:
+        n += 1
+        candidate = f"{key}_{n}"
+    used.add(candidate)
+    return candidate
+
+
+def _skip_reason(exc: Exception) -> str:
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return "not a readable image"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+def encode_image_file(path: Path) -> tuple[str, bytes, int, int]:
+    """(ext, bytes, width, height): JPEG bytes as they are, anything else losslessly as PNG.
+
+    The image is fully decoded either way, so truncated or garbage files fail here, not in training.
+    """
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        width, height = image.size
+        if image.format in JPEG_FORMATS:
+            return "jpg", data, width, height
+        if image.format == "PNG":
+            return "png", data, width, height
+        if image.mode not in PNG_MODES:
+            image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return "png", buffer.getvalue(), width, height
+
+
+def _folder_samples(
+    root: Path, limit: int | None, skipped: list[dict]
+) -> tuple[Iterator[Sample], int, list[str] | None]:
+    files = _walk(root)
+    labelled = any(len(f.parts) > 1 for f in files)
+    classes = sorted({f.parts[0] for f in files if len(f.parts) > 1}) if labelled else None
+    class_ids = {name: i for i, name in enumerate(classes or [])}
+    if labelled:
+        loose = [f for f in files if len(f.parts) == 1]
+        skipped.extend({"source": str(root / f), "reason": "not inside a class folder"} for f in loose)
+        files = [f for f in files if len(f.parts) > 1]
+    if not files:
+        raise UserError(f"no files found in {root}")
+    if limit is not None:
+        files = files[:limit]
+
+    def samples() -> Iterator[Sample]:
+        used: set[str] = set()
+        for relative in files:
+            path = root / relative
+            try:
+                ext, data, width, height = encode_image_file(path)
+            except Exception as exc:  # PIL raises many types on bad input; a bad file must never stop the run
+                reason = _skip_reason(exc)
+                log.warning("skipping %s: %s", path, reason)
+                skipped.append({"source": str(path), "reason": reason})
+                continue
+            yield Sample(
+                key=_unique(sample_key(relative), used), ext=ext, data=data, width=width, height=height,
+                source=str(path), label=class_ids[relative.parts[0]] if labelled else None,
+            )
+
+    return samples(), len(files), classes
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _existing_outputs(out: Path) -> list[Path]:
+    return sorted(out.glob("shard-*.tar")) + ([out / "index.json"] if (out / "index.json").exists() else [])
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    existing = _existing_outputs(out) if out.is_dir() else []
+    if existing and not overwrite:
+        raise UserError(f"{out} already holds shards; pass --overwrite to replace them or choose another --out")
+    for path in existing:
+        path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def write_shards(
+    src: str, out: str | Path, per_shard: int = DEFAULT_PER_SHARD, limit: int | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Write `shard-%06d.tar` and `index.json` into `out` from SRC; return the index."""
+    import webdataset as wds
+
+    if per_shard < 1:
+        raise UserError(f"--per-shard must be at least 1, not {per_shard}")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, not {limit}")
+    out = Path(out)
+    skipped: list[dict] = []
+    if src.startswith("fashion-mnist:"):
+        samples, total, classes = _fashion_mnist_samples(src.partition(":")[2], limit)
+        source = src
+    else:
+        root = Path(src).expanduser()
+        if not root.is_dir():
+            raise UserError(f"{src} is not a folder, fashion-mnist:train or fashion-mnist:test")
+        root = root.resolve()
+        samples, total, classes = _folder_samples(root, limit, skipped)
+        source = str(root)
+    _prepare_out(out, overwrite)
+
+    counts: list[int] = []
+    # mtime fixed and PAX headers: reproducible tars that hold keys of any length.
+    writer = wds.ShardWriter(str(out / SHARD_PATTERN), maxcount=per_shard, verbose=0, mtime=0, format="PAX_FORMAT")
+    try:
+        for sample in tqdm(samples, total=total, desc="shards", unit="img"):
+            meta = {"source": sample.source, "width": sample.width, "height": sample.height}
+            record = {"__key__": sample.key, sample.ext: sample.data}
+            if sample.label is not None:
+                record["cls"] = str(sample.label).encode()
+                meta["label"] = classes[sample.label]
+            record["json"] = json.dumps(meta).encode()
+            writer.write(record)
+            if writer.count == 1:
+                counts.append(0)
+            counts[-1] += 1
+    finally:
+        writer.close()
+    shards = [p.name for p in sorted(out.glob("shard-*.tar"))]
+    index = {
+        "count": sum(counts), "shards": shards, "counts": counts + [0] * (len(shards) - len(counts)),
+        "classes": classes, "source": source, "per_shard": per_shard, "skipped": skipped,
+    }
+    tmp = out / "index.json.tmp"
+    tmp.write_text(json.dumps(index, indent=1) + "\n")
+    tmp.replace(out / "index.json")
+    return index
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("src", metavar="SRC", help="image folder (sub-folder = class), fashion-mnist:train or fashion-mnist:test")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder for shard-NNNNNN.tar and index.json")
+    parser.add_argument("--per-shard", type=int, default=DEFAULT_PER_SHARD, metavar="N", help="images per shard (default %(default)s)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N images (sorted order)")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards already in DIR")
+
+
+def run(args) -> int:
+    index = write_shards(args.src, args.out, per_shard=args.per_shard, limit=args.limit, overwrite=args.overwrite)
+    print(f"wrote {index['count']} images in {len(index['shards'])} shards to {args.out} "
+          f"({len(index['skipped'])} skipped)")
+    for item in index["skipped"][:20]:
+        print(f"  skipped {item['source']}: {item['reason']}")
+    if len(index["skipped"]) > 20:
+        print(f"  ... {len(index['skipped']) - 20} more in {Path(args.out) / 'index.json'}")
+    return 0

@@ -1,0 +1,56 @@
+"""Shared test fixtures: small real images and real WebDataset shards built in temp folders."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def random_image(seed: int, size: tuple[int, int] = (24, 20), mode: str = "RGB") -> Image.Image:
+    """A noise image: any change of pixels (re-encoding, wrong member) shows in comparisons."""
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "L": 1}[mode]
+    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    return Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels)
+
+
+def image_bytes(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (24, 20)) -> bytes:
+    buffer = io.BytesIO()
+    random_image(seed, size).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(name="random_image")
+def random_image_fixture():
+    """`random_image(seed, size=(w, h), mode="RGB") -> PIL.Image` of noise."""
+    return random_image
+
+
+@pytest.fixture(name="image_bytes")
+def image_bytes_fixture():
+    """`image_bytes(seed, fmt="JPEG", size=(w, h)) -> bytes` of an encoded noise image."""
+    return image_bytes
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist() -> Path:
+    """The Debian package's Fashion-MNIST folder; skips the test when it is not installed."""
+    if not (FASHION_MNIST / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist")
+    return FASHION_MNIST
+
+
+@pytest.fixture(scope="session")
+def fmnist_shards(fashion_mnist, tmp_path_factory) -> Path:
+    """200 Fashion-MNIST test images in 5 shards of up to 48 (the last one short), with index.json."""
+    from pipeline.shards import write_shards
+
+    out = tmp_path_factory.mktemp("fmnist-shards")
+    write_shards("fashion-mnist:test", out, per_shard=48, limit=200)
+    return out
