@@ -62,7 +62,7 @@ class OptimConfig:
     weight_decay: float = 1.5e-6
     momentum: float = 0.9
     eta: float = 0.001  # LARS trust coefficient
-    warmup_epochs: float = 10
+    warmup_epochs: float = 10.0
     final_lr_fraction: float = 0.001  # cosine decays to this fraction of the peak
 
 

@@ -194,7 +194,7 @@ def train(config: Config, run_dir: Path) -> dict[str, Any]:
     if world > 1:
         model = distributed.convert_batchnorm(model)
     model.to(device, memory_format=torch.channels_last if on_cuda else torch.preserve_format)
-    optimizer = build_optimizer(model, config.optim)
+    optimizer, _ = build_optimizer(model, config.optim)
 
     step, first_crosscorr, first_crosscorr_step = 0, None, 0
     if checkpoint_path.exists():
@@ -259,14 +259,10 @@ def train(config: Config, run_dir: Path) -> dict[str, Any]:
                 counter.check(config.data.max_corrupt_fraction)
                 view1 = view1.to(device, non_blocking=True, memory_format=torch.channels_last if on_cuda else torch.preserve_format)
                 view2 = view2.to(device, non_blocking=True, memory_format=torch.channels_last if on_cuda else torch.preserve_format)
-                lr = set_lr(optimizer, step, plan.total_steps, plan.warmup_steps, config.optim)
-                with autocast:
-                    z1, z2 = model(view1, view2)
-                loss, crosscorr = barlow_twins_loss(z1, z2, config.model.lambd)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                nonfinite |= ~torch.isfinite(loss.detach())
+                set_lr(optimizer, step, plan.total_steps, plan.warmup_steps, config.optim.final_lr_fraction)
+                lr = optimizer.param_groups[0]["lr"]
+                loss, crosscorr, z1 = training_step(model, optimizer, view1, view2, config.model.lambd, autocast)
+                nonfinite |= ~torch.isfinite(loss)
                 step += 1
                 bar.update(1)
 
@@ -288,7 +284,7 @@ def train(config: Config, run_dir: Path) -> dict[str, Any]:
                         "corrupt": counter.corrupt,
                     }
                     last_log_time, last_log_step = now, step
-                    last_crosscorr = crosscorr.detach()[:64, :64].float().cpu()
+                    last_crosscorr = crosscorr[:64, :64].float().cpu()
                     if first_crosscorr is None:
                         first_crosscorr, first_crosscorr_step = last_crosscorr, step
                     if is_main and (step % config.train.diag_every == 0 or step == plan.total_steps):
@@ -324,6 +320,18 @@ def train(config: Config, run_dir: Path) -> dict[str, Any]:
         log.info("%s at step %d of %d; corrupt samples skipped: %d",
                  "stopped by signal" if stopped_by_signal else "finished", step, plan.total_steps, counter.corrupt)
     return summary
+
+
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, view1: torch.Tensor, view2: torch.Tensor,
+                  lambd: float, autocast) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step; returns (loss, cross-correlation, view-1 projections), all still on the device."""
+    with autocast:
+        z1, z2 = model(view1, view2)
+    loss, crosscorr = barlow_twins_loss(z1, z2, lambd)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), crosscorr.detach(), z1.detach()
 
 
 @torch.no_grad()

@@ -1,0 +1,193 @@
+"""Training throughput: image pairs/s of (a) the training step on synthetic device-resident tensors and
+(b) end to end from JPEG WebDataset shards through the real loader and CPU views, in one run.
+
+The ratio b/a says how much the data path starves the model. Writes
+bench/results/train_throughput-<device>-<date>.json.
+
+    python bench/train_throughput.py                      # CPU: fmnist model at 32 px
+    python bench/train_throughput.py --preset imagenet --batch 256 --image-size 224   # one GPU, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import stream  # noqa: E402
+from pipeline.config import Config, apply  # noqa: E402
+from pipeline.model import BarlowTwins  # noqa: E402
+from pipeline.optim import build_optimizer, set_lr  # noqa: E402
+from pipeline.presets import PRESETS  # noqa: E402
+from pipeline.train import training_step  # noqa: E402
+from pipeline.views import TwoViews  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).replace(" ", "-")
+    return f"cpu-{os.cpu_count()}core"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("BARLOW_COMMIT", "unknown")
+
+
+def source_photos() -> list[np.ndarray]:
+    """Real photographs from scikit-image's bundled data when installed, else smooth synthetic scenes."""
+    try:
+        from skimage import data
+
+        names = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry"]
+        photos = [getattr(data, n)() for n in names]
+        return [p if p.ndim == 3 else np.stack([p] * 3, -1) for p in photos]
+    except Exception:  # noqa: BLE001 - any failure means "no bundled photos here"
+        rng = np.random.default_rng(0)
+        photos = []
+        for _ in range(6):
+            low = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+            photos.append(np.asarray(Image.fromarray(low).resize((1024, 768), Image.BICUBIC)))
+        return photos
+
+
+def write_jpeg_shards(out: Path, count: int, per_shard: int = 256) -> None:
+    """ImageNet-like JPEGs: random crops of the photos resized to about 500x375, quality 90."""
+    import webdataset as wds
+
+    rng = np.random.default_rng(0)
+    photos = source_photos()
+    out.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=per_shard, verbose=0) as writer:
+        for i in range(count):
+            photo = photos[i % len(photos)]
+            h, w = photo.shape[:2]
+            ch, cw = int(h * rng.uniform(0.5, 1)), int(w * rng.uniform(0.5, 1))
+            y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+            size = (int(rng.integers(440, 560)), int(rng.integers(330, 420)))
+            image = Image.fromarray(photo[y:y + ch, x:x + cw]).resize(size, Image.BILINEAR)
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=90)
+            writer.write({"__key__": f"{i:07d}", "jpg": buffer.getvalue(), "cls": str(i % 10).encode()})
+    (out / "index.json").write_text(json.dumps({"count": count}))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step_fn, batches, warmup: int, steps: int, device: torch.device) -> tuple[float, float]:
+    """Seconds for `steps` steps after `warmup`, and the fraction of that spent waiting for data."""
+    iterator = iter(batches)
+    for _ in range(warmup):
+        step_fn(*next(iterator))
+    synchronize(device)
+    waited, start = 0.0, time.perf_counter()
+    for _ in range(steps):
+        before = time.perf_counter()
+        batch = next(iterator)
+        waited += time.perf_counter() - before
+        step_fn(*batch)
+    synchronize(device)
+    return time.perf_counter() - start, waited
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="fmnist", choices=sorted(PRESETS))
+    parser.add_argument("--batch", type=int, default=64, help="batch on this one device")
+    parser.add_argument("--image-size", type=int, help="default: the preset's")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shards", help="existing JPEG shards (default: generate them in a temp dir)")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    config = Config()
+    apply(config, PRESETS[args.preset])
+    config.optim.batch_size = args.batch
+    if args.image_size:
+        config.views.image_size = args.image_size
+    size = config.views.image_size
+    on_cuda = device.type == "cuda"
+    memory_format = torch.channels_last if on_cuda else torch.preserve_format
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
+    if on_cuda:
+        torch.backends.cudnn.benchmark = True
+
+    model = BarlowTwins(config.model.arch, config.model.small_stem, config.model.projector).to(device, memory_format=memory_format)
+    optimizer, _ = build_optimizer(model, config.optim)
+    set_lr(optimizer, 10, 100, 10, config.optim.final_lr_fraction)
+
+    def step(view1: torch.Tensor, view2: torch.Tensor, *counts) -> None:
+        view1 = view1.to(device, non_blocking=True, memory_format=memory_format)
+        view2 = view2.to(device, non_blocking=True, memory_format=memory_format)
+        training_step(model, optimizer, view1, view2, config.model.lambd, autocast)
+
+    total = args.warmup + args.steps
+    synthetic = [torch.randn(args.batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
+                 for _ in range(2)]
+    seconds, _ = time_steps(step, (synthetic for _ in range(total)), args.warmup, args.steps, device)
+    synthetic_pairs = args.batch * args.steps / seconds
+    print(f"(a) synthetic tensors: {synthetic_pairs:.1f} pairs/s")
+    peak_memory = torch.cuda.max_memory_allocated(device) / 2**30 if on_cuda else None
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shard_dir = Path(args.shards) if args.shards else Path(tmp) / "shards"
+        if not args.shards:
+            write_jpeg_shards(shard_dir, count=args.batch * total + args.batch * max(args.workers, 1))
+        batches = stream.train_loader(
+            stream.expand_urls(str(shard_dir)), transform=TwoViews(config.views), per_rank_batch=args.batch,
+            steps=total, start_step=0, epoch=0, seed=0, rank=0, world_size=1, workers=args.workers,
+            shuffle_buffer=256, max_corrupt_fraction=0.01, pin_memory=on_cuda)
+        seconds, waited = time_steps(step, batches, args.warmup, args.steps, device)
+    cpu_pairs = args.batch * args.steps / seconds
+    print(f"(b) JPEG shards, CPU views, {args.workers} workers: {cpu_pairs:.1f} pairs/s "
+          f"(data wait {100 * waited / seconds:.0f} % of the time)")
+    print(f"ratio b/a: {cpu_pairs / synthetic_pairs:.2f}")
+
+    name = device_name(device)
+    record = {
+        "device": name, "commit": commit(), "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "model": config.model.arch, "small_stem": config.model.small_stem, "projector": config.model.projector,
+        "image_size": size, "batch": args.batch, "precision": "bf16" if on_cuda else "fp32",
+        "steps": args.steps, "workers": args.workers,
+        "synthetic": {"pairs_per_s": round(synthetic_pairs, 2)},
+        "cpu_views": {"pairs_per_s": round(cpu_pairs, 2), "data_wait_fraction": round(waited / seconds, 3)},
+        "cpu_views_over_synthetic": round(cpu_pairs / synthetic_pairs, 3),
+        "gpu_memory_peak_gib": round(peak_memory, 2) if peak_memory is not None else None,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"train_throughput-{name}-{record['date']}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
