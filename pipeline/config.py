@@ -7,6 +7,7 @@ back into RUN_DIR as `config.yaml` and stored inside checkpoints and `encoder.pt
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +75,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     compile: bool = False  # torch.compile the backbone
-    data_path: str = "cpu"  # cpu: decode and augment in DataLoader workers
+    data_path: str = "auto"  # auto (gpu on CUDA) | gpu (gpu_views.py on the device) | cpu (views.py in workers)
     log_every: int = 10  # steps between metrics.jsonl lines (and host syncs)
     diag_every: int = 100  # steps between RankMe / std diagnostics
     checkpoint_every: int = 500  # steps between checkpoints (and always on SIGTERM and at the end)
@@ -102,6 +103,9 @@ class Config:
 
 def _coerce(value: Any, like: Any, key: str) -> Any:
     """Convert a YAML/CLI value to the type of the default it replaces."""
+    if isinstance(value, str) and isinstance(like, float) and not isinstance(like, bool):
+        with contextlib.suppress(ValueError):  # YAML 1.1 reads "1e38" as a string
+            return float(value)
     if isinstance(value, str) and not isinstance(like, str):
         try:
             value = yaml.safe_load(value)
