@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shards": ("pipeline.shards", "write WebDataset shards from an image folder or Fashion-MNIST"),
     "train": ("pipeline.train", "Barlow Twins pretraining; writes RUN_DIR with checkpoints and encoder.pt"),
     "demo": ("pipeline.demo", "the whole flow on Fashion-MNIST, sized for a laptop"),
+    "export": ("pipeline.export", "export RUN_DIR/encoder.pt to MODEL_DIR (ONNX + model.json) with a parity check"),
+    "serve": ("pipeline.serve", "serve MODEL_DIR as the /embed HTTP API (bentoml serve serving.service:Embedder)"),
 }
 
 

@@ -1,0 +1,23 @@
+"""The service's own Prometheus metrics (`barlow_*`), beside BentoML's `bentoml_service_*`.
+
+Plain prometheus_client objects at module level: BentoML sets PROMETHEUS_MULTIPROC_DIR before it
+starts workers, so every worker process writes its own file and /metrics sums them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+IMAGES_EMBEDDED = Counter("barlow_images_embedded", "Images embedded and returned to clients")
+REJECTED_INPUTS = Counter("barlow_rejected_inputs", "Requests or images rejected, by reason", ["reason"])
+PREPROCESS_SECONDS = Histogram(
+    "barlow_preprocess_seconds", "Decode, validate and preprocess the images of one request",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+INFERENCE_SECONDS = Histogram(
+    "barlow_inference_seconds", "ONNX Runtime time for one adaptive batch",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+BATCH_SIZE = Histogram(
+    "barlow_batch_size", "Images per adaptive batch sent to ONNX Runtime",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+MODEL_INFO = Gauge(
+    "barlow_model_info", "The served model (value 1)", ["name", "sha256", "dim"], multiprocess_mode="max")

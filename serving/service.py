@@ -1,0 +1,159 @@
+"""The /embed API: `bentoml serve serving.service:Embedder` (configured by BARLOW_* variables).
+
+Two BentoML services. `Embedder` (public) owns the HTTP surface: auth, parsing and image decoding
+happen in its request handlers, so only valid arrays go further. `Encoder` (a dependency, its own
+process on a private unix socket) holds the ONNX Runtime session behind a `batchable` API: BentoML
+merges concurrent requests into adaptive batches there, and one client's bad image can never fail a
+batch it shares with others. /embed and /embed_base64 are plain Starlette routes mounted on the
+service, because BentoML's typed multipart inputs answer some malformed bodies with 500 (and fetch
+URLs given in file fields); /readyz, /livez, /metrics are BentoML's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import anyio
+import bentoml
+import numpy as np
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from serving import metrics
+from serving.requests import (EmbedRequest, RequestError, check_body_size, check_token, l2_normalize,
+                              parse_base64_json, parse_multipart, preprocess_all, read_body)
+from serving.runtime import OnnxEncoder, load_model_info
+from serving.settings import batching_from_env, env_int, settings_from_env, usable_cpus
+
+logger = logging.getLogger(__name__)
+logging.getLogger("serving").setLevel(logging.INFO)  # BentoML's server logging config sets the root to WARNING
+
+MAX_BATCH, MAX_LATENCY_MS = batching_from_env()
+TIMEOUT_S = 60
+# BentoML 1.4.40 replaces its client session to a dependency every 100 requests or 300 s and closes
+# the old one with requests still in flight on it (503s under load); on a private socket there is
+# nothing to gain from the refresh, so it effectively never happens.
+NEVER_REFRESH = {"max_requests": 2**31 - 1, "max_age": 1e9}
+
+
+@bentoml.service(name="barlow-encoder", workers=1, threads=1, traffic={"timeout": TIMEOUT_S},
+                 runner_connection=NEVER_REFRESH)
+class Encoder:
+    """The ONNX model behind an adaptive batcher; called only by Embedder."""
+
+    def __init__(self) -> None:
+        settings = settings_from_env()
+        self.model = OnnxEncoder(settings.model_dir, settings.device, settings.threads, MAX_BATCH)
+        self.model.warm_up()
+
+    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH, max_latency_ms=MAX_LATENCY_MS)
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        embeddings = self.model(images)
+        metrics.INFERENCE_SECONDS.observe(time.perf_counter() - start)
+        metrics.BATCH_SIZE.observe(len(images))
+        return embeddings
+
+
+async def embed(request: Request) -> JSONResponse:
+    service: Embedder = bentoml.get_current_service()
+    try:
+        service.authorize(request)
+        return await service.respond(await parse_multipart(request, service.settings.max_images))
+    except RequestError as exc:
+        return service.reject(exc)
+
+
+async def embed_base64(request: Request) -> JSONResponse:
+    service: Embedder = bentoml.get_current_service()
+    try:
+        service.authorize(request)
+        body = await read_body(request, service.settings.max_body_mb * 2**20)
+        return await service.respond(parse_base64_json(body, service.settings.max_images))
+    except RequestError as exc:
+        return service.reject(exc)
+
+
+async def model(request: Request) -> JSONResponse:
+    return JSONResponse(bentoml.get_current_service().info)
+
+
+api = Starlette(routes=[
+    Route("/embed", embed, methods=["POST"]),
+    Route("/embed_base64", embed_base64, methods=["POST"]),
+    Route("/model", model, methods=["GET"]),
+])
+
+
+@bentoml.service(name="barlow-embed", workers=env_int("BARLOW_WORKERS", 1), traffic={"timeout": TIMEOUT_S})
+@bentoml.asgi_app(api, path="/")
+class Embedder:
+    """Public API: POST /embed, POST /embed_base64, GET /model; BentoML adds /readyz /livez /metrics."""
+
+    encoder = bentoml.depends(Encoder)
+
+    def __init__(self) -> None:
+        self.settings = settings_from_env()
+        self.info = load_model_info(self.settings.model_dir)
+        self.name, self.dim, self.size = self.info["name"], int(self.info["dim"]), int(self.info["image_size"])
+        Image.MAX_IMAGE_PIXELS = self.settings.max_pixels  # Pillow's own bomb guard agrees with ours
+        self.decoders = anyio.CapacityLimiter(usable_cpus())  # decoding is CPU-bound: no more threads than CPUs
+        self.warm = False
+        self.warm_lock = asyncio.Lock()
+        metrics.MODEL_INFO.labels(self.name, self.info.get("onnx_sha256", ""), str(self.dim)).set(1)
+        logger.info("serving %s (dim %d, %d px); max %d images and %d pixels per image; auth %s", self.name,
+                    self.dim, self.size, self.settings.max_images, self.settings.max_pixels,
+                    "on" if self.settings.api_token else "off")
+
+    async def __is_ready__(self) -> bool:
+        """Ready once one warm-up inference went through the whole path (socket, batcher, session)."""
+        if self.warm:
+            return True
+        async with self.warm_lock:
+            if not self.warm:
+                try:
+                    await self.encoder.to_async.encode(np.zeros((1, 3, self.size, self.size), dtype=np.uint8))
+                    self.warm = True
+                except Exception as exc:  # the encoder process is still starting
+                    logger.info("encoder not ready yet: %s", exc)
+        return self.warm
+
+    def authorize(self, request: Request) -> None:
+        check_token(request, self.settings.api_token)
+        check_body_size(request, self.settings.max_body_mb * 2**20)
+
+    def reject(self, error: RequestError) -> JSONResponse:
+        metrics.REJECTED_INPUTS.labels(error.reason).inc()
+        logger.debug("rejected (%d %s): %s", error.status, error.reason, error.message)
+        return error.response()
+
+    async def encode(self, images: np.ndarray) -> np.ndarray:
+        """The batched encoder; one retry when a pooled connection was closed by the other side
+        (its keep-alive is shorter than the client's), which is safe because encoding is pure."""
+        import aiohttp
+
+        try:
+            return await self.encoder.to_async.encode(images)
+        except aiohttp.ClientConnectionError as exc:
+            logger.info("retrying once after a dropped encoder connection: %s", exc)
+            return await self.encoder.to_async.encode(images)
+
+    async def respond(self, request: EmbedRequest) -> JSONResponse:
+        start = time.perf_counter()
+        images = await anyio.to_thread.run_sync(
+            preprocess_all, request.images, self.size, self.settings.max_pixels, limiter=self.decoders)
+        metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - start)
+        try:
+            embeddings = await self.encode(images)
+        except Exception:  # overload (batcher latency bound) or the encoder process restarting
+            logger.exception("encoder call failed")
+            return JSONResponse({"error": "the encoder is overloaded or restarting; retry shortly", "index": None}, 503)
+        if request.normalize:
+            embeddings = l2_normalize(embeddings)
+        metrics.IMAGES_EMBEDDED.inc(len(embeddings))
+        return JSONResponse({"model": self.name, "dim": self.dim, "embeddings": embeddings.tolist()})

@@ -1,0 +1,336 @@
+"""The /embed service through a real `bentoml serve` subprocess on a free 127.0.0.1 port.
+
+One server (token auth on, small limits) serves the module; the SIGTERM test starts its own through
+`barlow serve` (auth off) because it shuts it down. Bento build is tested from a copy of the project.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from helpers_serving import encode, make_run_dir, photo, sample_images, torch_embed, torch_reference
+from pipeline.errors import UserError
+from pipeline.export import export_model
+from pipeline.preprocess import load_array
+from pipeline.serve import PROJECT_ROOT, free_port, start_server, wait_ready
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "s3cret-token"
+MAX_IMAGES = 8
+MAX_PIXELS = 1_000_000
+TOLERANCE = 1e-4  # the export's parity tolerance, relative to the largest output
+
+
+def bentoml_env(tmp: Path) -> dict[str, str]:
+    return {"BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    base = tmp_path_factory.mktemp("serve")
+    run_dir = make_run_dir(base / "run-serve")
+    export_model(run_dir, base / "model")
+    return run_dir, base / "model"
+
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory):
+    _, model_dir = model
+    tmp = tmp_path_factory.mktemp("server")
+    env = {**bentoml_env(tmp), "BARLOW_API_TOKEN": TOKEN, "BARLOW_MAX_IMAGES": str(MAX_IMAGES),
+           "BARLOW_MAX_PIXELS": str(MAX_PIXELS), "BARLOW_MAX_BATCH": "32"}
+    running = start_server(model_dir, env=env, log_file=tmp / "server.log")
+    yield running
+    assert running.stop() == 0, running.log_tail()
+
+
+@pytest.fixture()
+def client(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    return torch_reference(model[0])
+
+
+def embed(http: httpx.Client, images: list[tuple[str, bytes]], **data) -> httpx.Response:
+    return http.post("/embed", files=[("images", (name, blob, "application/octet-stream")) for name, blob in images],
+                     data=data)
+
+
+def expected(reference, images: list[tuple[str, bytes]]) -> np.ndarray:
+    return torch_embed(reference, np.stack([load_array(blob, 32) for _, blob in images]))
+
+
+def assert_close(actual, wanted) -> None:
+    actual, wanted = np.asarray(actual, dtype=np.float32), np.asarray(wanted, dtype=np.float32)
+    assert actual.shape == wanted.shape
+    assert np.abs(actual - wanted).max() <= TOLERANCE * np.abs(wanted).max()
+
+
+def metric_values(http: httpx.Client) -> dict[tuple[str, tuple], float]:
+    text = http.get("/metrics").text
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_embeddings_match_the_torch_encoder_for_every_format(client, reference):
+    images = sample_images()  # JPEG, PNG, WebP, RGBA, BMP, TIFF, GIF, EXIF-rotated, CMYK, 16-bit
+    for chunk in (images[:MAX_IMAGES], images[MAX_IMAGES:]):
+        response = embed(client, chunk, normalize="false")
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["model"] == "run-serve-resnet18" and body["dim"] == 512
+        assert_close(body["embeddings"], expected(reference, chunk))  # in request order
+    normalized = np.array(embed(client, images[:3]).json()["embeddings"])  # normalize defaults to true
+    assert np.allclose(np.linalg.norm(normalized, axis=1), 1, atol=1e-5)
+    raw = expected(reference, images[:3])
+    assert_close(normalized, raw / np.linalg.norm(raw, axis=1, keepdims=True))
+    as_base64 = client.post("/embed_base64", json={
+        "images": [base64.b64encode(blob).decode() for _, blob in images[:3]], "normalize": False})
+    assert as_base64.status_code == 200, as_base64.text
+    assert_close(as_base64.json()["embeddings"], raw)
+
+
+def test_concurrent_requests_share_adaptive_batches_and_keep_their_own_results(client, server, reference):
+    images = [(f"{i}.jpg", encode(photo(100 + i), "JPEG", quality=90)) for i in range(16)]
+    wanted = expected(reference, images)
+    before = metric_values(client)
+    barrier = threading.Barrier(len(images))
+
+    def one(i: int) -> list[float]:
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as http:
+            barrier.wait()
+            results = []
+            for _ in range(3):
+                response = embed(http, [images[i]], normalize="false")
+                assert response.status_code == 200, response.text
+                results.append(response.json()["embeddings"][0])
+            return results
+
+    with ThreadPoolExecutor(len(images)) as pool:
+        results = list(pool.map(one, range(len(images))))
+    for i, per_client in enumerate(results):
+        for embedding in per_client:
+            assert_close([embedding], wanted[i : i + 1])  # each client got its own image's embedding
+    after = metric_values(client)
+
+    def delta(metric: str, /, **labels) -> float:
+        def total(values):
+            return sum(v for (n, l), v in values.items() if n == metric and labels.items() <= dict(l).items())
+        return total(after) - total(before)
+
+    batches = delta("bentoml_service_adaptive_batch_size_count", method_name="encode")
+    assert delta("bentoml_service_adaptive_batch_size_sum", method_name="encode") == 48
+    assert batches < 48, "concurrent requests were merged into adaptive batches"
+    assert delta("barlow_batch_size_sum") == 48 and delta("barlow_batch_size_count") == batches
+    assert delta("barlow_images_embedded_total") == 48
+
+
+def big_png(width: int, height: int) -> bytes:
+    return encode(Image.new("1", (width, height)), "PNG")  # a few kB, width x height pixels
+
+
+GOOD = ("good.jpg", encode(photo(1), "JPEG"))
+JPEG = encode(photo(2, size=(300, 200)), "JPEG", quality=95)
+BAD_INPUTS = {
+    # name: (request kwargs for httpx, status, index)
+    "text-bytes": ({"files": [("images", ("a.jpg", b"this is not an image"))]}, 400, 0),
+    "zero-byte-part": ({"files": [("images", ("a.jpg", b""))]}, 400, 0),
+    "truncated-jpeg": ({"files": [("images", ("a.jpg", JPEG[: len(JPEG) // 2]))]}, 400, 0),
+    "corrupt-png": ({"files": [("images", ("a.png", encode(photo(3), "PNG")[:60] + bytes(range(256)) * 8))]}, 400, 0),
+    "bad-second-of-three": ({"files": [("images", GOOD), ("images", ("b.jpg", b"junk")), ("images", GOOD)]}, 400, 1),
+    "above-max-pixels": ({"files": [("images", ("big.png", big_png(2000, 1000)))]}, 413, 0),
+    # Above twice Image.MAX_IMAGE_PIXELS (the service sets it to the limit): Pillow's own bomb error.
+    "decompression-bomb": ({"files": [("images", ("bomb.png", big_png(3000, 1000)))]}, 413, 0),
+    "too-many-images": ({"files": [("images", GOOD)] * (MAX_IMAGES + 1)}, 413, None),
+    "far-too-many-images": ({"files": [("images", GOOD)] * (MAX_IMAGES + 20)}, 413, None),
+    "no-images": ({"files": [("normalize", (None, "true"))]}, 422, None),
+    "wrong-field-name": ({"files": [("image", ("a.jpg", GOOD[1]))]}, 422, None),
+    "images-as-text-field": ({"files": [("images", (None, "http://169.254.169.254/latest"))]}, 422, 0),  # no fetch
+    "bad-normalize": ({"files": [("images", GOOD)], "data": {"normalize": "maybe"}}, 422, None),
+    "json-to-multipart-route": ({"json": {"images": []}}, 415, None),
+    "malformed-multipart": ({"content": b"abc", "headers": {"content-type": "multipart/form-data; boundary=x"}},
+                            400, None),
+}
+BAD_BASE64 = {
+    "invalid-base64": ({"json": {"images": ["not*base64!"]}}, 400, 0),
+    "base64-of-non-image": ({"json": {"images": [base64.b64encode(b"hello").decode()]}}, 400, 0),
+    "not-json": ({"content": b"{images: nope", "headers": {"content-type": "application/json"}}, 400, None),
+    "no-images-field": ({"json": {"pictures": []}}, 422, None),
+    "empty-list": ({"json": {"images": []}}, 422, None),
+    "number-instead-of-string": ({"json": {"images": [base64.b64encode(GOOD[1]).decode(), 7]}}, 422, 1),
+    "too-many": ({"json": {"images": [base64.b64encode(GOOD[1]).decode()] * (MAX_IMAGES + 1)}}, 413, None),
+}
+
+
+@pytest.mark.parametrize("route,case", [("/embed", name) for name in BAD_INPUTS]
+                         + [("/embed_base64", name) for name in BAD_BASE64])
+def test_bad_input_gets_a_4xx_json_reason_and_the_server_stays_ready(client, route, case):
+    kwargs, status, index = (BAD_INPUTS if route == "/embed" else BAD_BASE64)[case]
+    response = client.post(route, **kwargs)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error", "index"} and body["index"] == index
+    assert isinstance(body["error"], str) and 10 < len(body["error"]) < 300 and "\n" not in body["error"]
+    assert client.get("/readyz").status_code == 200
+    assert embed(client, [GOOD]).status_code == 200
+
+
+def test_a_bad_image_does_not_fail_the_requests_batched_with_it(client, server, reference):
+    good = [(f"{i}.png", encode(photo(200 + i), "PNG")) for i in range(8)]
+    wanted = expected(reference, good)
+    barrier = threading.Barrier(16)
+
+    def send(i: int) -> httpx.Response:
+        payload = [good[i // 2]] if i % 2 == 0 else [("bad.jpg", JPEG[:500])]
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as http:
+            barrier.wait()
+            return embed(http, payload, normalize="false")
+
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(send, range(16)))
+    for i, response in enumerate(responses):
+        if i % 2:
+            assert response.status_code == 400 and response.json()["index"] == 0
+        else:
+            assert response.status_code == 200, response.text
+            assert_close(response.json()["embeddings"], wanted[i // 2 : i // 2 + 1])
+
+
+def test_token_guards_embedding_routes_but_not_probes_or_metrics(server):
+    with httpx.Client(base_url=server.url, timeout=60) as anonymous:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
+            response = anonymous.post("/embed", files=[("images", GOOD)], headers=headers)
+            assert response.status_code == 401 and "bearer token" in response.json()["error"]
+            assert response.headers["www-authenticate"] == "Bearer"
+            b64 = anonymous.post("/embed_base64", json={"images": [base64.b64encode(GOOD[1]).decode()]},
+                                 headers=headers)
+            assert b64.status_code == 401
+        for path in ("/readyz", "/livez", "/metrics", "/model"):
+            assert anonymous.get(path).status_code == 200, path
+        authorized = anonymous.post("/embed", files=[("images", GOOD)], headers={"Authorization": f"Bearer {TOKEN}"})
+        assert authorized.status_code == 200
+
+
+def test_metrics_expose_the_barlow_families(client, model):
+    before = metric_values(client)
+    assert embed(client, [GOOD, GOOD, GOOD]).status_code == 200
+    assert embed(client, [("x.jpg", b"not an image")]).status_code == 400
+    after = metric_values(client)
+
+    def value(values, metric, /, **labels):
+        return sum(v for (n, l), v in values.items() if n == metric and labels.items() <= dict(l).items())
+
+    assert value(after, "barlow_images_embedded_total") - value(before, "barlow_images_embedded_total") == 3
+    reason = {"reason": "not_an_image"}
+    assert value(after, "barlow_rejected_inputs_total", **reason) - value(before, "barlow_rejected_inputs_total", **reason) == 1
+    for histogram in ("barlow_preprocess_seconds", "barlow_inference_seconds", "barlow_batch_size"):
+        assert value(after, f"{histogram}_count") > value(before, f"{histogram}_count"), histogram
+    info = json.loads((model[1] / "model.json").read_text())
+    labels = {"name": "run-serve-resnet18", "sha256": info["onnx_sha256"], "dim": "512"}
+    assert value(after, "barlow_model_info", **labels) == 1
+
+
+def test_model_route_returns_model_json(client, model):
+    assert client.get("/model").json() == json.loads((model[1] / "model.json").read_text())
+
+
+def test_start_server_refuses_a_missing_model_dir(tmp_path):
+    with pytest.raises(UserError, match="not a MODEL_DIR"):
+        start_server(tmp_path / "nothing", env=bentoml_env(tmp_path), timeout=5)
+
+
+def test_sigterm_drains_in_flight_requests_and_barlow_serve_exits_0(model, tmp_path, reference):
+    """Load from 16 clients, SIGTERM to `barlow serve`: no request that got a response failed."""
+    _, model_dir = model
+    port = free_port()
+    env = {**os.environ, **bentoml_env(tmp_path)}
+    env.pop("BARLOW_API_TOKEN", None)
+    log = open(tmp_path / "serve.log", "wb")
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", str(model_dir), "--host", "127.0.0.1",
+                                "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process, 120)
+        image = ("a.jpg", encode(photo(7), "JPEG"))
+        response = httpx.post(f"{url}/embed", files=[("images", image)], data={"normalize": "false"}, timeout=60)
+        assert response.status_code == 200, "auth is off without BARLOW_API_TOKEN"
+        assert_close(response.json()["embeddings"], expected(reference, [image]))
+        signalled: list[float] = []
+        outcomes: list[tuple[float, float, str]] = []  # (start, end, outcome)
+        stop = threading.Event()
+
+        def hammer() -> None:
+            while not stop.is_set():
+                start = time.monotonic()
+                try:  # a fresh connection each time: no keep-alive race muddies "accepted"
+                    result = str(httpx.post(f"{url}/embed", files=[("images", image)], timeout=60).status_code)
+                except httpx.ConnectError:
+                    result = "refused"
+                except httpx.HTTPError as exc:
+                    result = type(exc).__name__
+                outcomes.append((start, time.monotonic(), result))
+                if result != "200":
+                    time.sleep(0.05)
+
+        threads = [threading.Thread(target=hammer) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        time.sleep(3)
+        signalled.append(time.monotonic())
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(60)
+        time.sleep(0.5)
+        stop.set()
+        for thread in threads:
+            thread.join()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.close()
+    assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    sigterm = signalled[0]
+    responses = [o for o in outcomes if o[2].isdigit()]
+    assert all(result == "200" for _, _, result in responses), sorted({o[2] for o in responses})
+    assert any(start < sigterm < end for start, end, _ in responses), "requests in flight at SIGTERM completed"
+    assert all(start >= sigterm - 1 for start, _, result in outcomes if result != "200"), \
+        "connections were refused only once the server was stopping"
+
+
+def test_bentofile_builds_a_bento_with_the_service_and_the_model(model, tmp_path):
+    _, model_dir = model
+    context = tmp_path / "context"
+    for name in ("serving", "pipeline"):
+        shutil.copytree(PROJECT_ROOT / name, context / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(PROJECT_ROOT / "bentofile.yaml", context)
+    shutil.copytree(model_dir, context / "models" / "current")
+    env = {**os.environ, **bentoml_env(tmp_path), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run([sys.executable, "-m", "bentoml", "build", ".", "--output", "tag"], cwd=context,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    bentos = list((tmp_path / "bentoml" / "bentos" / "barlow-embed").glob("*/bento.yaml"))
+    assert len(bentos) == 1
+    src = bentos[0].parent / "src"
+    assert (src / "serving" / "service.py").is_file() and (src / "pipeline" / "preprocess.py").is_file()
+    assert (src / "models" / "current" / "model.onnx").read_bytes() == (model_dir / "model.onnx").read_bytes()
+    assert "serving.service:Embedder" in bentos[0].read_text()
