@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -29,6 +30,7 @@ from pipeline.errors import UserError
 from pipeline.export import export_model
 from pipeline.preprocess import load_array
 from pipeline.serve import PROJECT_ROOT, free_port, start_server, wait_ready
+from serving.runtime import OnnxEncoder
 
 pytestmark = pytest.mark.slow
 
@@ -253,6 +255,16 @@ def test_metrics_expose_the_barlow_families(client, model):
 
 def test_model_route_returns_model_json(client, model):
     assert client.get("/model").json() == json.loads((model[1] / "model.json").read_text())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_session_matches_the_torch_encoder(model, reference):
+    """The GPU twin of the served-embedding test above (which runs the same OnnxEncoder on CPU)."""
+    encoder = OnnxEncoder(model[1], device="cuda")
+    assert encoder.providers[0] == "CUDAExecutionProvider"
+    images = sample_images()
+    assert_close(encoder(np.stack([load_array(blob, 32) for _, blob in images])), expected(reference, images))
 
 
 def test_start_server_refuses_a_missing_model_dir(tmp_path):

@@ -1,0 +1,215 @@
+"""Serving throughput: raw ONNX Runtime images/s at batch B, then /embed images/s with C concurrent
+clients each sending one JPEG per request, p50/p99 latency, and served/raw, in one run.
+
+served/raw says what the HTTP path (multipart, decode, the hop to the batched encoder, JSON) costs
+against the model alone. Writes bench/results/serve-<device>-<date>.json.
+
+    python bench/serve_throughput.py                                    # CPU: fmnist model, 32 px
+    python bench/serve_throughput.py --arch resnet50 --image-size 224   # GPU: ResNet-50, 224 px
+    python bench/serve_throughput.py --model-dir MODEL_DIR              # an exported model
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.serve import start_server  # noqa: E402
+from serving.runtime import OnnxEncoder, gpu_available  # noqa: E402
+from serving.settings import usable_cpus  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name() -> str:
+    if gpu_available():
+        import torch
+
+        return torch.cuda.get_device_name(0).replace(" ", "-")
+    return f"cpu-{usable_cpus()}core"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("BARLOW_COMMIT", "unknown")
+
+
+def random_model(out: Path, arch: str, image_size: int) -> Path:
+    """Export a randomly initialised encoder: speed does not depend on the weights."""
+    from pipeline.checkpoint import save_encoder
+    from pipeline.config import Config
+    from pipeline.export import export_model
+    from pipeline.model import build_encoder
+    from pipeline.presets import PRESETS
+
+    config = Config.from_dict(PRESETS["fmnist" if image_size <= 64 else "imagenet"])
+    config.model.arch, config.views.image_size = arch, image_size
+    backbone, _ = build_encoder(arch, config.model.small_stem)
+    save_encoder(out / "run" / "encoder.pt", backbone, config, step=0)
+    export_model(out / "run", out / "model")
+    return out / "model"
+
+
+def jpegs(count: int, image_size: int) -> list[bytes]:
+    """Photo-like JPEGs a little larger than the eval size, as a client would send them."""
+    rng = np.random.default_rng(0)
+    side = max(image_size * 5 // 4, 32)
+    y, x = np.mgrid[0:side, 0:side] / side
+    blobs = []
+    for _ in range(count):
+        pixels = np.stack([np.sin(x * rng.uniform(2, 9) + rng.uniform(0, 6)) + y for _ in range(3)], -1)
+        pixels = ((pixels - pixels.min()) / np.ptp(pixels) * 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+        blobs.append(buffer.getvalue())
+    return blobs
+
+
+def raw_throughput(model_dir: Path, batch: int, seconds: float) -> tuple[float, list[str]]:
+    """Images/s of the session alone, configured as the server configures it."""
+    encoder = OnnxEncoder(model_dir, os.environ.get("BARLOW_DEVICE", "auto"), max_batch=batch)
+    images = np.random.default_rng(0).integers(0, 256, (batch, 3, encoder.image_size, encoder.image_size),
+                                               dtype=np.uint8)
+    encoder.warm_up((batch, batch))
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        encoder(images)
+        done += batch
+    return done / (time.perf_counter() - start), encoder.providers
+
+
+async def load(url: str, blobs: list[bytes], clients: int, warmup: float, seconds: float) -> dict:
+    """`clients` loops in one process, each one image per request; latencies after the warm-up."""
+    import httpx
+
+    latencies: list[float] = []
+    failures: dict[str, int] = {}
+    begin = time.perf_counter()
+    measure_from, measure_to = begin + warmup, begin + warmup + seconds
+
+    async def client(index: int, http: httpx.AsyncClient) -> None:
+        n = index
+        while (now := time.perf_counter()) < measure_to:
+            data = blobs[n % len(blobs)]
+            n += clients
+            try:
+                response = await http.post("/embed", files=[("images", ("image.jpg", data, "image/jpeg"))])
+                status = str(response.status_code)
+            except httpx.HTTPError as exc:
+                status = type(exc).__name__
+            if now >= measure_from:
+                if status == "200":
+                    latencies.append(time.perf_counter() - now)
+                else:
+                    failures[status] = failures.get(status, 0) + 1
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+        await asyncio.gather(*(client(i, http) for i in range(clients)))
+    return {"latencies": latencies, "failures": failures, "seconds": time.perf_counter() - measure_from}
+
+
+def load_process(job: tuple) -> dict:
+    return asyncio.run(load(*job))
+
+
+def served_throughput(url: str, blobs: list[bytes], clients: int, processes: int, warmup: float,
+                      seconds: float) -> dict:
+    """C clients spread over `processes` client processes (one Python process tops out near 1k req/s)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    shares = [clients // processes + (i < clients % processes) for i in range(processes)]
+    jobs = [(url, blobs[i::processes] or blobs, share, warmup, seconds) for i, share in enumerate(shares) if share]
+    if len(jobs) == 1:
+        results = [load_process(jobs[0])]
+    else:
+        with ProcessPoolExecutor(len(jobs)) as pool:
+            results = list(pool.map(load_process, jobs))
+    latencies = np.array([x for r in results for x in r["latencies"]]) * 1000
+    failures: dict[str, int] = {}
+    for result in results:
+        for status, count in result["failures"].items():
+            failures[status] = failures.get(status, 0) + count
+    elapsed = max(r["seconds"] for r in results)
+    return {"served_images_per_s": len(latencies) / elapsed, "p50_ms": float(np.percentile(latencies, 50)),
+            "p99_ms": float(np.percentile(latencies, 99)), "requests": len(latencies), "failures": failures}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", type=Path, help="an exported MODEL_DIR (default: export a random one)")
+    parser.add_argument("--arch", default="resnet18", help="for the random model (default %(default)s)")
+    parser.add_argument("--image-size", type=int, default=32, help="for the random model (default %(default)s)")
+    parser.add_argument("--clients", type=int, default=16, help="C concurrent clients (default %(default)s)")
+    parser.add_argument("--batch", type=int, default=0, help="B for the raw measurement (default: C)")
+    parser.add_argument("--seconds", type=float, default=20, help="each measurement (default %(default)s)")
+    parser.add_argument("--warmup", type=float, default=5, help="served warm-up, not counted (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=1, help="Embedder (HTTP) worker processes (default %(default)s)")
+    parser.add_argument("--client-processes", type=int, default=1,
+                        help="processes the C clients are spread over (default %(default)s)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON record")
+    args = parser.parse_args()
+    batch = args.batch or args.clients
+
+    with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
+        model_dir = args.model_dir or random_model(Path(tmp), args.arch, args.image_size)
+        info = json.loads((model_dir / "model.json").read_text())
+        raw, providers = raw_throughput(model_dir, batch, args.seconds)
+        print(f"raw ONNX Runtime ({providers[0]}): {raw:.1f} images/s at batch {batch}", flush=True)
+        env = {"BENTOML_HOME": str(Path(tmp) / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
+               "BARLOW_MAX_BATCH": str(max(batch, args.clients)), "BARLOW_WORKERS": str(args.workers)}
+        server = start_server(model_dir, env=env, log_file=Path(tmp) / "server.log")
+        try:
+            served = served_throughput(server.url, jpegs(64, info["image_size"]), args.clients,
+                                       args.client_processes, args.warmup, args.seconds)
+        finally:
+            server.stop()
+
+    device = device_name()
+    record = {
+        "device": device,
+        "commit": commit(),
+        "raw_images_per_s": round(raw, 1),
+        "served_images_per_s": round(served["served_images_per_s"], 1),
+        "served_over_raw": round(served["served_images_per_s"] / raw, 3),
+        "p50_ms": round(served["p50_ms"], 1),
+        "p99_ms": round(served["p99_ms"], 1),
+        "clients": args.clients,
+        "batch": batch,
+        "workers": args.workers,
+        "client_processes": args.client_processes,
+        "model": {"arch": info["arch"], "image_size": info["image_size"], "dim": info["dim"]},
+        "providers": providers,
+        "requests": served["requests"],
+        "failures": served["failures"],
+        "seconds": args.seconds,
+        "cpus": usable_cpus(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"serve-{device.lower()}-{datetime.date.today().isoformat()}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
