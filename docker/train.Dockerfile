@@ -1,0 +1,35 @@
+# syntax=docker/dockerfile:1
+# Training image: the official PyTorch CUDA runtime (torch 2.11, CUDA 13, cuDNN 9, which
+# onnxruntime-gpu 1.31 also needs) plus this project; `torchrun ... barlow train` is the entrypoint.
+# The Kubernetes Jobs (k8s/) also run `barlow export|embed|index` in it.
+#   docker build -f docker/train.Dockerfile -t barlow-train .
+#   docker run --gpus all --shm-size=8g -v "$PWD/data:/data" barlow-train \
+#       --preset fmnist --data /data/shards --out /data/runs/fmnist
+ARG BASE_IMAGE=pytorch/pytorch:2.11.0-cuda13.0-cudnn9-runtime
+
+# Build stage: the project as a wheel; its source tree and build backend stay here.
+FROM ${BASE_IMAGE} AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY pipeline/ pipeline/
+COPY serving/ serving/
+RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
+FROM ${BASE_IMAGE}
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HOME=/home/barlow
+# A named user with a NUMERIC uid: Kubernetes runAsNonRoot can only verify numbers, and
+# getpass.getuser() (torch.compile's cache path) needs the uid to exist in /etc/passwd.
+RUN groupadd --gid 10001 barlow \
+    && useradd --no-log-init --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin barlow
+# Dependencies resolve against the torch/torchvision already in the base image (pyproject allows them).
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    python -m pip install --no-cache-dir /wheels/barlow_embed-*.whl \
+    && barlow --help > /dev/null
+WORKDIR /home/barlow
+USER 10001:10001
+# torchrun stays PID 1 (exec form): on SIGTERM it signals the workers, which write a checkpoint.
+# --standalone is the one-machine launch; the Kubernetes Job replaces it with the multi-node line.
+ENTRYPOINT ["torchrun", "--standalone", "--nproc-per-node=gpu", "--max-restarts=3", "--no-python", "barlow", "train"]
