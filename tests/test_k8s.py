@@ -271,7 +271,8 @@ def parse_barlow(argv: list[str]) -> argparse.Namespace | None:
         if exc.name and exc.name.startswith("pipeline."):
             pytest.skip(f"not yet checkable: {module_name} needs {exc.name}, not written yet")
         raise
-    parser = StrictParser(prog=f"barlow {name}", exit_on_error=False)
+    # No abbreviations: a manifest's `--batch-size` must not survive a rename to `--batch-size-per-gpu`.
+    parser = StrictParser(prog=f"barlow {name}", exit_on_error=False, allow_abbrev=False)
     module.add_arguments(parser)
     with contextlib.redirect_stdout(io.StringIO()):
         try:
@@ -610,3 +611,5 @@ def test_drift_check_finds_every_command_line():
         "train.Dockerfile", "serve.Dockerfile"}
     with pytest.raises(pytest.fail.Exception, match="rejected by the CLI"):
         parse_barlow(["train", "--config=/etc/barlow/train.yaml", "--metrics_port=9400"])
+    with pytest.raises(pytest.fail.Exception, match="rejected by the CLI"):
+        parse_barlow(["train", "--conf=/etc/barlow/train.yaml"])  # an abbreviation hides renames
