@@ -6,13 +6,13 @@ Kubernetes Deployment configure it the same way. A bad value stops startup with 
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import UserError
 from pipeline.preprocess import max_pixels_from_env
+from pipeline.runtime import usable_cpus  # noqa: F401  (re-exported: the service and benchmarks use it)
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the Bento's src/ when served from a Bento
@@ -81,15 +81,3 @@ def batching_from_env() -> tuple[int, int]:
     waits only as long as its fitted cost model says a fuller batch pays off.
     """
     return env_int("BARLOW_MAX_BATCH", 64), env_int("BARLOW_MAX_LATENCY_MS", 10_000)
-
-
-def usable_cpus() -> int:
-    """CPUs this process may use: the affinity mask, capped by a cgroup v2 quota (containers)."""
-    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            count = min(count, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, count)

@@ -1,0 +1,131 @@
+"""MODEL_DIR -> a ready ONNX Runtime session: providers, threads, warm-up.
+
+Shared by the service (`serving/`) and the offline commands (`barlow embed`, `barlow search`), so
+the served and the batch embeddings run the same graph on the same providers. CUDA (or TensorRT when
+asked) when torch sees a GPU, else CPU with one intra-op thread per usable CPU.
+`get_available_providers()` lists CUDA even on CPU-only machines, so it is never the GPU test;
+`import torch` also loads the CUDA/cuDNN libraries onnxruntime-gpu needs. TF32 stays off so the GPU
+embedding matches the torch encoder within the export's parity tolerance. onnxruntime is imported
+only when a session is made, so `pipeline` imports without it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+MODEL_FORMAT = "barlow-embed/model/1"
+DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: the affinity mask, capped by a cgroup v2 quota (containers)."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, count)
+
+
+def load_model_info(model_dir: Path) -> dict[str, Any]:
+    """model.json of a MODEL_DIR, checked enough that the service can trust its fields."""
+    path = Path(model_dir) / "model.json"
+    if not (Path(model_dir) / "model.onnx").is_file():
+        raise UserError(f"{model_dir} has no model.onnx; create it with barlow export RUN_DIR --out {model_dir}")
+    try:
+        info = json.loads(path.read_text())
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(info, dict) or info.get("format") != MODEL_FORMAT:
+        raise UserError(f"{path} is not a {MODEL_FORMAT} model.json")
+    return info
+
+
+def gpu_available() -> bool:
+    try:
+        import torch
+    except ImportError:  # a slim CPU image may not carry torch
+        return False
+    return torch.cuda.is_available()
+
+
+def execution_providers(device: str, image_size: int, max_batch: int, cache_dir: Path) -> list[Any]:
+    cpu = "CPUExecutionProvider"
+    if device not in DEVICES:
+        raise UserError(f"the device must be one of {', '.join(DEVICES)}, not {device!r}")
+    if device == "auto":
+        device = "cuda" if gpu_available() else "cpu"
+    if device == "cpu":
+        return [cpu]
+    if not gpu_available():
+        raise UserError(f"device {device} asked for, but torch sees no CUDA GPU")
+    # HEURISTIC: with adaptive batching every new batch size would otherwise re-run the exhaustive search.
+    cuda = ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0"})
+    if device == "cuda":
+        return [cuda, cpu]
+    shape = f"3x{image_size}x{image_size}"
+    tensorrt = ("TensorrtExecutionProvider", {
+        "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache_dir),
+        "trt_profile_min_shapes": f"images:1x{shape}", "trt_profile_opt_shapes": f"images:{max_batch}x{shape}",
+        "trt_profile_max_shapes": f"images:{max_batch}x{shape}"})
+    return [tensorrt, cuda, cpu]
+
+
+class OnnxEncoder:
+    """uint8 RGB [N, 3, S, S] -> float32 [N, D] backbone embeddings (not normalised)."""
+
+    def __init__(self, model_dir: Path, device: str = "auto", threads: int = 0, max_batch: int = 64):
+        import onnxruntime as ort
+
+        self.info = load_model_info(model_dir)
+        self.image_size, self.dim = int(self.info["image_size"]), int(self.info["dim"])
+        providers = execution_providers(device, self.image_size, max_batch, Path(model_dir) / ".trt-cache")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or usable_cpus()
+        options.inter_op_num_threads = 1
+        # Spinning threads would steal the CPU that request handlers and decode workers need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(Path(model_dir) / "model.onnx"), options, providers=providers)
+        self.providers = self.session.get_providers()
+        wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        if self.providers[0] != wanted:
+            logger.warning("%s is unavailable; running on %s", wanted, self.providers[0])
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        logger.info("model %s (dim %d, %d px, sha256 %s) on %s with %d CPU threads", self.info["name"], self.dim,
+                    self.image_size, self.info.get("onnx_sha256", "?")[:12], ", ".join(self.providers),
+                    options.intra_op_num_threads)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: images})[0]
+
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> float:
+        """Run the first inferences (allocations, kernel selection) before any client waits on them."""
+        start = time.perf_counter()
+        for batch in batch_sizes:
+            self(np.zeros((batch, 3, self.image_size, self.image_size), dtype=np.uint8))
+        seconds = time.perf_counter() - start
+        logger.info("warm-up at batch %s took %.2f s", ",".join(map(str, batch_sizes)), seconds)
+        return seconds
+
+
+def l2_normalize(embeddings: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length, exactly as /embed does by default (zero rows stay zero)."""
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    return embeddings / np.maximum(norms, 1e-12)
