@@ -1,0 +1,175 @@
+"""`barlow index EMB_DIR --out INDEX_DIR [--kind flat|ivf-pq]`: a faiss index over the embeddings.
+
+Similarity is cosine: vectors are L2-normalised and compared by inner product. `flat` is exact and
+the default; `ivf-pq` (an inverted file of sqrt-N-ish lists, product-quantised codes of D/8 bytes)
+is for collections too large to scan, trained on a sample. INDEX_DIR holds `index.faiss`,
+`keys.parquet` (row -> key, source, label) and `index.json` (model, dim, metric, kind, count),
+each written under a temp name and renamed; `index.json` goes last, and loading checks the three
+agree. Embeddings of different models are never mixed: the model's sha256 must match in every part.
+faiss is imported only here and in search, so `pipeline` imports without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.embed import read_part_meta
+from pipeline.errors import UserError
+from pipeline.search import INDEX_FORMAT, normalized
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("flat", "ivf-pq")
+METRIC = "cosine"
+MIN_IVF_PQ = 10_000  # PQ's 256 centroids per sub-space want ~39 training points each
+DEFAULT_NPROBE = 32
+TRAIN_POINTS_PER_LIST = 64
+
+
+def read_parts(emb_dir: Path) -> tuple[list[Path], dict[str, Any]]:
+    """The parts of EMB_DIR and their common model; refuses parts of different models."""
+    parts = sorted(Path(emb_dir).glob("part-*.parquet"))
+    if not Path(emb_dir).is_dir():
+        raise UserError(f"{emb_dir} is not a folder; create it with barlow embed MODEL_DIR --out {emb_dir}")
+    if not parts:
+        raise UserError(f"{emb_dir} holds no part-*.parquet files; run barlow embed first")
+    model, first = None, None
+    for path in parts:
+        meta = read_part_meta(path)
+        if meta is None:
+            raise UserError(f"{path} is not a readable embeddings part; delete it and re-run barlow embed")
+        if model is None:
+            model, first = meta["model"], path.name
+        elif meta["model"].get("sha256") != model.get("sha256"):
+            other = meta["model"]
+            raise UserError(
+                f"{emb_dir} mixes embeddings of different models: {first} is {model.get('name')} (sha256 "
+                f"{str(model.get('sha256'))[:12]}) but {path.name} is {other.get('name')} (sha256 "
+                f"{str(other.get('sha256'))[:12]}); index each model's embeddings separately")
+    return parts, model
+
+
+def read_embeddings(path: Path):
+    """(table of key/source/label, float32 [N, D] unit vectors) of one part."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    column = table.column("embedding").combine_chunks()
+    dim = column.type.list_size
+    vectors = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+    return table.select(["key", "source", "label"]), normalized(vectors)
+
+
+def pq_subquantizers(dim: int) -> int:
+    """Bytes per code: the largest divisor of D that is at most D / 8 (64 for 512, 256 for 2048)."""
+    target = max(1, dim // 8)
+    return max(m for m in range(1, target + 1) if dim % m == 0)
+
+
+def ivf_lists(count: int) -> int:
+    """Inverted lists: ~4 sqrt(N), kept low enough that each list gets training points."""
+    return int(max(16, min(65536, 4 * math.sqrt(count), count // TRAIN_POINTS_PER_LIST)))
+
+
+def new_index(kind: str, dim: int, count: int):
+    import faiss
+
+    if kind == "flat":
+        return faiss.IndexFlatIP(dim), {}
+    if count < MIN_IVF_PQ:
+        raise UserError(f"ivf-pq needs at least {MIN_IVF_PQ:,} embeddings to train on, and {count:,} are there; "
+                        "use --kind flat (exact, and fast at this size)")
+    nlist, m = ivf_lists(count), pq_subquantizers(dim)
+    # np: no polysemous training (it only serves Hamming-distance filtering, which cosine search never uses).
+    index = faiss.index_factory(dim, f"IVF{nlist},PQ{m}x8np", faiss.METRIC_INNER_PRODUCT)
+    return index, {"nlist": nlist, "pq_bytes": m, "nprobe": DEFAULT_NPROBE}
+
+
+def training_sample(parts: list[Path], count: int, size: int, seed: int = 0) -> np.ndarray:
+    """`size` rows drawn uniformly without replacement across all parts (the same on every run)."""
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(count, size=min(size, count), replace=False))
+    sample, offset = [], 0
+    for path in parts:
+        _, vectors = read_embeddings(path)
+        rows = chosen[(chosen >= offset) & (chosen < offset + len(vectors))] - offset
+        sample.append(vectors[rows])
+        offset += len(vectors)
+    return np.concatenate(sample)
+
+
+def count_rows(parts: list[Path]) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+
+
+def build_index(emb_dir: str | Path, out: str | Path, kind: str = "flat") -> dict[str, Any]:
+    """Index every part of EMB_DIR into INDEX_DIR `out`; returns index.json."""
+    import faiss
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.export import write_json
+
+    if kind not in KINDS:
+        raise UserError(f"--kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    emb_dir, out = Path(emb_dir), Path(out)
+    parts, model = read_parts(emb_dir)
+    count, dim = count_rows(parts), int(model["dim"])
+    if count == 0:
+        raise UserError(f"{emb_dir} holds parts but no embeddings (every image failed?); see its manifest.json")
+    start = time.perf_counter()
+    index, params = new_index(kind, dim, count)
+    if not index.is_trained:
+        sample = training_sample(parts, count, max(params["nlist"] * TRAIN_POINTS_PER_LIST, 256 * 64))
+        logger.info("training %s (nlist %d, %d-byte codes) on %d of %d embeddings", kind, params["nlist"],
+                    params["pq_bytes"], len(sample), count)
+        index.train(sample)
+    tables = []
+    for path in tqdm(parts, desc="index", unit="part"):
+        table, vectors = read_embeddings(path)
+        if vectors.shape[1] != dim:
+            raise UserError(f"{path} has {vectors.shape[1]}-d embeddings, but its model says {dim}")
+        index.add(vectors)
+        tables.append(table)
+    keys = pa.concat_tables(tables)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = f".{os.getpid()}.tmp"
+    faiss.write_index(index, str(out / f".index.faiss{suffix}"))
+    pq.write_table(keys, out / f".keys.parquet{suffix}")
+    os.replace(out / f".index.faiss{suffix}", out / "index.faiss")
+    os.replace(out / f".keys.parquet{suffix}", out / "keys.parquet")
+    info = {
+        "format": INDEX_FORMAT, "model": model, "dim": dim, "metric": METRIC, "kind": kind, "count": int(index.ntotal),
+        **params, "parts": len(parts), "source": str(emb_dir.resolve()), "build_s": round(time.perf_counter() - start, 3),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json(info, out / "index.json")
+    logger.info("indexed %d embeddings (%s, dim %d) in %.1f s", info["count"], kind, dim, info["build_s"])
+    return info
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("emb_dir", type=Path, help="EMB_DIR written by barlow embed")
+    parser.add_argument("--out", type=Path, required=True, metavar="INDEX_DIR", help="folder for the index")
+    parser.add_argument("--kind", choices=KINDS, default="flat",
+                        help="flat: exact (default); ivf-pq: approximate and compact, for millions of embeddings")
+
+
+def run(args: argparse.Namespace) -> int:
+    info = build_index(args.emb_dir, args.out, args.kind)
+    print(f"{args.out}: {info['kind']} index of {info['count']} embeddings ({info['model']['name']}, dim "
+          f"{info['dim']}, cosine) built in {info['build_s']:.1f} s")
+    return 0

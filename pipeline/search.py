@@ -1,0 +1,221 @@
+"""`barlow search INDEX_DIR --model MODEL_DIR IMAGE... [-k K]` (or `--key KEY`): nearest neighbours.
+
+`SearchIndex` is the loaded INDEX_DIR and is shared with the service's POST /search. A query is
+embedded exactly as `barlow embed` embedded the collection (shared preprocessing, the same ONNX
+graph, L2-normalised), and only with the model the index was built from: a different model's
+vectors live in another space, so its sha256 must match. Output: one JSON line per neighbour with
+query, rank, key, source, label and score (cosine similarity, 1 = identical direction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import UserError
+
+logger = logging.getLogger(__name__)
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # else one INFO line per CPU feature it probes
+
+INDEX_FORMAT = "barlow-embed/index/1"
+DEFAULT_K = 10
+MAX_K = 1000
+
+
+def normalized(vectors: np.ndarray) -> np.ndarray:
+    """float32 rows of unit length (cosine similarity = inner product)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+class SearchIndex:
+    """INDEX_DIR loaded: the faiss index, its rows' keys/sources/labels and index.json."""
+
+    def __init__(self, index_dir: str | Path):
+        import faiss
+        import pyarrow.parquet as pq
+
+        self.dir = Path(index_dir)
+        paths = {name: self.dir / name for name in ("index.json", "index.faiss", "keys.parquet")}
+        missing = [name for name, path in paths.items() if not path.is_file()]
+        if missing:
+            raise UserError(f"{self.dir} is not an INDEX_DIR (missing {', '.join(missing)}); build it with barlow index")
+        try:
+            self.info = json.loads(paths["index.json"].read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read {paths['index.json']}: {exc}") from None
+        if self.info.get("format") != INDEX_FORMAT:
+            raise UserError(f"{paths['index.json']} is not a {INDEX_FORMAT} index")
+        try:
+            self.index = faiss.read_index(str(paths["index.faiss"]))
+            self.rows = pq.read_table(paths["keys.parquet"], columns=["key", "source", "label"])
+        except Exception as exc:  # faiss raises RuntimeError, pyarrow ArrowInvalid on torn files
+            raise UserError(f"{self.dir} is unreadable ({str(exc).splitlines()[0][:160]}); rebuild it with barlow index") from None
+        if not (self.index.ntotal == self.rows.num_rows == self.info.get("count")):
+            raise UserError(f"{self.dir} is incomplete (index {self.index.ntotal} rows, keys {self.rows.num_rows}, "
+                            f"index.json {self.info.get('count')}); rebuild it with barlow index")
+        if "nprobe" in self.info:
+            faiss.extract_index_ivf(self.index).nprobe = int(self.info["nprobe"])
+        self.model = self.info["model"]
+        self.dim = int(self.info["dim"])
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def check_model(self, model_info: dict[str, Any]) -> None:
+        """Refuse a model other than the one whose embeddings were indexed."""
+        sha = model_info.get("onnx_sha256", "")
+        if sha != self.model.get("sha256"):
+            raise UserError(
+                f"the index {self.dir} was built from {self.model.get('name')} (sha256 {str(self.model.get('sha256'))[:12]}), "
+                f"not from {model_info.get('name')} (sha256 {sha[:12]}); search it with the model it was built from, "
+                "or re-embed and re-index with this one")
+
+    def row(self, i: int, score: float) -> dict[str, Any]:
+        return {"key": self.rows["key"][i].as_py(), "source": self.rows["source"][i].as_py(),
+                "label": self.rows["label"][i].as_py(), "score": round(float(score), 6)}
+
+    def search(self, embeddings: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
+        """The k nearest indexed items of each embedding, best first."""
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
+            raise ValueError(f"expected embeddings [N, {self.dim}], got {list(embeddings.shape)}")
+        scores, ids = self.index.search(normalized(embeddings), min(k, len(self)))
+        return [[self.row(int(i), s) for i, s in zip(row_ids, row_scores) if i >= 0]
+                for row_ids, row_scores in zip(ids, scores)]
+
+    def rows_of_key(self, key: str) -> list[int]:
+        import pyarrow.compute as pc
+
+        return np.flatnonzero(pc.equal(self.rows["key"], key).to_numpy(zero_copy_only=False)).tolist()
+
+    def neighbours_of_key(self, key: str, k: int) -> list[dict[str, Any]]:
+        """The k nearest other items of an indexed item (its stored vector as the query)."""
+        rows = self.rows_of_key(key)
+        if not rows:
+            raise UserError(f"key {key!r} is not in the index {self.dir}")
+        if len(rows) > 1:
+            logger.warning("key %r is in the index %d times; using its first row", key, len(rows))
+        vector = self.reconstruct(rows[0])
+        found = self.search(vector[None], k + len(rows))[0]
+        return [hit for hit in found if hit["key"] != key][:k]
+
+    def reconstruct(self, row: int) -> np.ndarray:
+        import faiss
+
+        if self.info.get("kind") != "flat":
+            faiss.extract_index_ivf(self.index).make_direct_map()  # IVF stores no row -> list map by default
+        return self.index.reconstruct(row)
+
+
+def check_k(k: int) -> int:
+    if not 1 <= k <= MAX_K:
+        raise UserError(f"-k must be between 1 and {MAX_K}, not {k}")
+    return k
+
+
+def embed_files(model_dir: Path, paths: list[Path], device: str = "auto") -> tuple[np.ndarray, dict[str, Any]]:
+    """Image files -> L2-normalised embeddings, preprocessed as /embed and barlow embed do."""
+    from pipeline.preprocess import BadImage, load_array, max_pixels_from_env
+    from pipeline.runtime import OnnxEncoder, l2_normalize, load_model_info
+
+    info = load_model_info(model_dir)
+    size, max_pixels = int(info["image_size"]), max_pixels_from_env()
+    arrays = []
+    for path in paths:
+        try:
+            arrays.append(load_array(Path(path).read_bytes(), size, max_pixels))
+        except OSError as exc:
+            raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+        except BadImage as exc:
+            raise UserError(f"{path}: {exc}") from None
+    encoder = OnnxEncoder(model_dir, device, max_batch=len(arrays))
+    return l2_normalize(encoder(np.stack(arrays))), info
+
+
+def search_images(index_dir: str | Path, model_dir: str | Path, images: list[str | Path], k: int = DEFAULT_K,
+                  device: str = "auto") -> list[dict[str, Any]]:
+    """One record per (query image, neighbour): query, rank, key, source, label, score."""
+    from pipeline.runtime import load_model_info
+
+    check_k(k)
+    index = SearchIndex(index_dir)
+    index.check_model(load_model_info(Path(model_dir)))
+    embeddings, _ = embed_files(Path(model_dir), [Path(p) for p in images], device)
+    results = index.search(embeddings, k)
+    return [{"query": str(query), "rank": rank, **hit}
+            for query, hits in zip(images, results) for rank, hit in enumerate(hits, 1)]
+
+
+def search_key(index_dir: str | Path, key: str, k: int = DEFAULT_K) -> list[dict[str, Any]]:
+    check_k(k)
+    index = SearchIndex(index_dir)
+    return [{"query": key, "rank": rank, **hit} for rank, hit in enumerate(index.neighbours_of_key(key, k), 1)]
+
+
+def demo_query(model_dir: str | Path, out_dir: str | Path, k: int = 5, query: int = 0) -> dict[str, Any]:
+    """The search part of `make demo`: index Fashion-MNIST test with MODEL_DIR and run one query.
+
+    Writes (or reuses) `out_dir/shards/test`, `out_dir/embeddings`, `out_dir/index`. The query is
+    test image `query`, upscaled 2x and re-encoded as JPEG (a copy the index has never seen). Returns
+    {"query": {...}, "neighbours": [...], "summary": "<one line>"}; labels are class names.
+    """
+    from PIL import Image
+
+    from pipeline.embed import embed
+    from pipeline.index import build_index
+    from pipeline.shards import FASHION_MNIST_CLASSES, read_fashion_mnist, write_shards
+
+    out_dir = Path(out_dir)
+    shard_dir = out_dir / "shards" / "test"
+    if not (shard_dir / "index.json").exists():
+        write_shards("fashion-mnist:test", shard_dir, overwrite=True)
+    embed(model_dir, str(shard_dir), out_dir / "embeddings")  # resumes: nothing to do on a re-run
+    if not (out_dir / "index" / "index.json").exists():
+        build_index(out_dir / "embeddings", out_dir / "index")
+    images, labels = read_fashion_mnist("test")
+    copy = out_dir / f"query-{query}.jpg"
+    Image.fromarray(images[query]).resize((56, 56), Image.Resampling.BICUBIC).save(copy, "JPEG", quality=90)
+    hits = search_images(out_dir / "index", model_dir, [copy], k)
+    for hit in hits:
+        hit["label"] = FASHION_MNIST_CLASSES[hit["label"]] if hit["label"] is not None else None
+    truth = FASHION_MNIST_CLASSES[int(labels[query])]
+    same = sum(hit["label"] == truth for hit in hits)
+    summary = (f"query {copy.name} (a {truth}, test image {query} resized and re-encoded): top-1 {hits[0]['key']} "
+               f"({hits[0]['label']}, cosine {hits[0]['score']:.3f}); {same} of {len(hits)} neighbours are {truth}")
+    return {"query": {"path": str(copy), "test_index": query, "label": truth}, "neighbours": hits, "summary": summary}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index_dir", type=Path, help="INDEX_DIR written by barlow index")
+    parser.add_argument("images", nargs="*", type=Path, metavar="IMAGE", help="query images")
+    # nargs="+": argparse (3.11) cannot take positionals after an option once INDEX_DIR matched, so the
+    # documented form `INDEX_DIR --model MODEL_DIR IMAGE...` collects the images here.
+    parser.add_argument("--model", nargs="+", type=Path, metavar=("MODEL_DIR", "IMAGE"),
+                        help="the MODEL_DIR the index was built from, then the query images")
+    parser.add_argument("--key", help="instead of images: the neighbours of this indexed key")
+    parser.add_argument("-k", type=int, default=DEFAULT_K, help="neighbours per query (default %(default)s)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "tensorrt"),
+                        help="ONNX Runtime device for embedding the query images (default %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    model_dir, images = (args.model[0], args.images + args.model[1:]) if args.model else (None, args.images)
+    if args.key is not None and images:
+        raise UserError("give query IMAGEs or --key, not both")
+    if args.key is not None:
+        records = search_key(args.index_dir, args.key, args.k)
+    elif not images:
+        raise UserError("give one or more query IMAGEs (with --model MODEL_DIR) or --key KEY")
+    elif model_dir is None:
+        raise UserError("query images need --model MODEL_DIR, the model the index was built from")
+    else:
+        records = search_images(args.index_dir, model_dir, images, args.k, args.device)
+    for record in records:
+        print(json.dumps(record))
+    return 0

@@ -1,0 +1,132 @@
+"""POST /search: the nearest indexed images of each uploaded image (when BARLOW_INDEX_DIR is set).
+
+Multipart like /embed: one `images` file part per query image, plus an optional `k` (form field or
+query parameter; default 10, at most 1000). The same auth and bad-input rules as /embed apply (the
+helpers are `serving.requests`'), and a service started without an index answers 404 with how to
+configure one. The index is opened at start-up and must come from the served model (same ONNX
+sha256), so a mismatched pair never starts. Queries go through the same batched encoder as /embed;
+faiss runs in a worker thread so the event loop keeps serving.
+
+Response: `{"model": name, "k": k, "results": [{"neighbours": [{key, source, label, score}, ...]}, ...]}`,
+one result per image in request order, neighbours best first (score: cosine similarity).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prometheus_client import Counter, Histogram
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from pipeline.runtime import l2_normalize
+from pipeline.search import DEFAULT_K, MAX_K, SearchIndex
+from serving.requests import RequestError, check_count, preprocess_all
+
+logger = logging.getLogger(__name__)
+
+SEARCH_FIELDS = ("images", "k")
+SEARCH_QUERIES = Counter("barlow_search_queries", "Images searched for in the index")
+SEARCH_SECONDS = Histogram("barlow_search_seconds", "faiss time for the images of one /search request",
+                           buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+
+
+def open_index(index_dir: Path | None, model_info: dict[str, Any]) -> SearchIndex | None:
+    """The configured INDEX_DIR, checked against the served model; None when none is configured.
+
+    Raises UserError (the service does not start) when the index is missing, broken or from another model.
+    """
+    if index_dir is None:
+        return None
+    index = SearchIndex(index_dir)
+    index.check_model(model_info)
+    logger.info("search index %s: %d %s vectors (dim %d)", index_dir, len(index), index.info.get("kind"), index.dim)
+    return index
+
+
+def require_index(index: SearchIndex | None) -> SearchIndex:
+    if index is None:
+        raise RequestError(404, "no_index", "no search index is configured on this server; start it with "
+                           "BARLOW_INDEX_DIR=INDEX_DIR (barlow serve MODEL_DIR --index INDEX_DIR)")
+    return index
+
+
+def parse_k(value: object) -> int:
+    text = str(value).strip()
+    if not text.lstrip("-").isdigit() or not 1 <= int(text) <= MAX_K:
+        raise RequestError(422, "bad_field", f"k must be an integer from 1 to {MAX_K}, not {text[:40]!r}")
+    return int(text)
+
+
+async def parse_search(request: Request, max_images: int) -> tuple[list[bytes], int]:
+    """`images` file parts (one per query image) and an optional `k` field or query parameter."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise RequestError(415, "bad_content_type", "send multipart/form-data with one `images` file part per "
+                           "image (curl -F images=@photo.jpg -F k=10)")
+    try:
+        # One spare file slot so that max_images + 1 files is reported as our 413, not a parser error.
+        form = await request.form(max_files=max_images + 1, max_fields=8)
+    except Exception as exc:  # starlette raises HTTPException or MultiPartException for malformed bodies
+        detail = getattr(exc, "detail", None) or getattr(exc, "message", None) or str(exc)
+        if "Too many files" in str(detail):
+            raise RequestError(413, "too_many_images", f"the request has more than {max_images} images") from None
+        raise RequestError(400, "bad_multipart", f"the multipart body is malformed ({str(detail)[:120]})") from None
+    try:
+        unknown = sorted(set(form.keys()) - set(SEARCH_FIELDS))
+        if unknown:
+            raise RequestError(422, "bad_field", f"unknown field {unknown[0]!r}; send images as `images` file parts "
+                               "and optionally `k`")
+        images = []
+        for index, part in enumerate(form.getlist("images")):
+            if not isinstance(part, UploadFile):
+                raise RequestError(422, "bad_field", "`images` must be file parts (curl -F images=@photo.jpg), "
+                                   "not text fields", index)
+            images.append(await part.read())
+        check_count(len(images), max_images)
+        k = form.get("k", request.query_params.get("k", DEFAULT_K))
+        if isinstance(k, UploadFile):
+            raise RequestError(422, "bad_field", "k must be a text field, an integer from 1 to 1000")
+        return images, parse_k(k)
+    finally:
+        await form.close()
+
+
+def search_payload(index: SearchIndex, embeddings: np.ndarray, k: int, model_name: str) -> dict[str, Any]:
+    """Neighbours of each (not yet normalised) embedding, as the JSON body of a 200."""
+    start = time.perf_counter()
+    results = index.search(l2_normalize(embeddings), k)
+    SEARCH_SECONDS.observe(time.perf_counter() - start)
+    SEARCH_QUERIES.inc(len(results))
+    return {"model": model_name, "k": k, "results": [{"neighbours": hits} for hits in results]}
+
+
+async def search(request: Request) -> JSONResponse:
+    """The route: auth, index, parse, decode (thread pool), batched encoder, faiss (thread)."""
+    import anyio
+    import bentoml
+
+    from serving import metrics
+
+    service = bentoml.get_current_service()
+    try:
+        service.authorize(request)
+        index = require_index(service.search_index)
+        images, k = await parse_search(request, service.settings.max_images)
+        start = time.perf_counter()
+        arrays = await anyio.to_thread.run_sync(
+            preprocess_all, images, service.size, service.settings.max_pixels, limiter=service.decoders)
+        metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - start)
+    except RequestError as exc:
+        return service.reject(exc)
+    try:
+        embeddings = await service.encode(arrays)
+    except Exception:  # overload (batcher latency bound) or the encoder process restarting
+        logger.exception("encoder call failed")
+        return JSONResponse({"error": "the encoder is overloaded or restarting; retry shortly", "index": None}, 503)
+    return JSONResponse(await anyio.to_thread.run_sync(search_payload, index, embeddings, k, service.name))
