@@ -10,6 +10,10 @@ produced by "role" s % W (W DataLoader workers); a role's stream, shuffle and pe
 seeds are pure functions of (seed, epoch, rank, role). A run resumed at step k therefore sees exactly
 the batches an uninterrupted run saw from step k on. Corrupt samples are skipped and counted; a run
 stops with one sentence when more than `max_corrupt_fraction` of them are corrupt.
+
+With `transform=None` the same stream yields raw batches instead (`EncodedBatch`: the encoded bytes,
+packed, and labels): workers only read and check image headers, and `gpu_views.py` decodes and
+augments the whole batch on the training device.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import logging
 import random
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlparse
 
 import torch
@@ -211,6 +216,41 @@ def decode_rgb(sample: dict) -> Image.Image:
         raise CorruptSample(f"{ext}: {str(exc) or type(exc).__name__}") from None
 
 
+def read_encoded(sample: dict) -> bytes:
+    """The sample's encoded image bytes, once PIL has parsed their header (format and size, no pixel
+    decoding), or CorruptSample with the reason. The cheap worker-side check of the raw-bytes mode."""
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if ext is None:
+        raise CorruptSample(f"no image member (has {', '.join(k for k in sample if not k.startswith('__'))})")
+    try:
+        with Image.open(io.BytesIO(sample[ext])) as image:
+            if image.width * image.height > Image.MAX_IMAGE_PIXELS:  # a decompression bomb for the GPU too
+                raise CorruptSample(f"{ext}: {image.width}x{image.height} pixels is above the limit")
+    except CorruptSample:
+        raise
+    except Exception as exc:  # PIL raises many types on bad bytes
+        raise CorruptSample(f"{ext}: {str(exc) or type(exc).__name__}") from None
+    return sample[ext]
+
+
+class EncodedBatch(NamedTuple):
+    """A raw training batch: B encoded images packed in `data` (`sizes` bytes each), labels (-1: none)."""
+
+    data: torch.Tensor  # uint8 [sum(sizes)]
+    sizes: torch.Tensor  # int64 [B]
+    labels: torch.Tensor  # int64 [B]
+    seen: int
+    corrupt: int
+
+
+def pack_encoded(items: list[tuple[bytes, int]], seen: int, corrupt: int) -> EncodedBatch:
+    """(bytes, label) pairs -> one EncodedBatch; one tensor of bytes crosses the worker queue cheaply."""
+    data = torch.frombuffer(bytearray(b"".join(raw for raw, _ in items)), dtype=torch.uint8)
+    sizes = torch.tensor([len(raw) for raw, _ in items], dtype=torch.int64)
+    labels = torch.tensor([label for _, label in items], dtype=torch.int64)
+    return EncodedBatch(data, sizes, labels, seen, corrupt)
+
+
 def label_of(sample: dict) -> int | None:
     """The class id from `{key}.cls`, None when the sample has no label."""
     raw = sample.get("cls")
@@ -313,7 +353,11 @@ class _RoleStreams(torch.utils.data.IterableDataset):
                     sample = next(stream)
                     index += 1
                     try:
-                        image = decode_rgb(sample)
+                        if self.transform is None:  # raw bytes: header checked, decoded later on the device
+                            label = label_of(sample)
+                            image = (read_encoded(sample), -1 if label is None else label)
+                        else:
+                            image = decode_rgb(sample)
                     except CorruptSample as exc:
                         counter.bad(sample["__key__"], sample["__url__"], str(exc))
                         counter.check(self.max_corrupt_fraction, self.min_samples)
@@ -322,20 +366,28 @@ class _RoleStreams(torch.utils.data.IterableDataset):
                     if skip:
                         first.append(None)
                         continue
+                    if self.transform is None:
+                        first.append(image)
+                        continue
                     with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG alone when workers=0
                         torch.default_generator.manual_seed(derive_seed("view", *ident, index))  # CPU only
                         view1, view2 = self.transform(image)
                     first.append(view1)
                     second.append(view2)
                 counter.check(self.max_corrupt_fraction, self.min_samples)
-                if not skip:
+                if skip:
+                    continue
+                if self.transform is None:
+                    yield pack_encoded(first, counter.seen - seen, counter.corrupt - corrupt)
+                else:
                     yield torch.stack(first), torch.stack(second), counter.seen - seen, counter.corrupt - corrupt
         finally:
             stream.close()
 
 
 class TrainLoader:
-    """Iterable of exactly `steps - start_step` items (view1 [B,...], view2 [B,...], n_seen, n_corrupt)."""
+    """Iterable of exactly `steps - start_step` items (view1 [B,...], view2 [B,...], n_seen, n_corrupt),
+    or `EncodedBatch`es when the stream has no transform."""
 
     def __init__(self, dataset: _RoleStreams, *, workers: int, pin_memory: bool) -> None:
         self.dataset = dataset
@@ -361,13 +413,14 @@ class TrainLoader:
 
 
 def train_loader(
-    urls: list[str], *, transform: Callable, per_rank_batch: int, steps: int, start_step: int, epoch: int,
+    urls: list[str], *, transform: Callable | None, per_rank_batch: int, steps: int, start_step: int, epoch: int,
     seed: int, rank: int, world_size: int, workers: int, shuffle_buffer: int, max_corrupt_fraction: float,
     pin_memory: bool = False, min_samples: int = MIN_SAMPLES_FOR_CHECK,
 ) -> TrainLoader:
     """The deterministic, resampled training stream of one rank for steps [start_step, steps) of an epoch.
 
-    `transform(pil_rgb) -> (view1, view2)` runs under a per-sample torch seed. Every rank reads all
+    `transform(pil_rgb) -> (view1, view2)` runs under a per-sample torch seed; `transform=None` yields
+    `EncodedBatch`es (the same samples, checked but not decoded) for `gpu_views.GpuBatches`. Every rank reads all
     shards (its own draw, seeded by rank), so `world_size` only has to be checked, not split on.
     """
     if not urls:

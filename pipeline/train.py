@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import diagnostics, distributed, stream
+from pipeline import diagnostics, distributed, gpu_views, stream
 from pipeline.checkpoint import TRAINING_FORMAT, atomic_save, safe_load, save_encoder
 from pipeline.config import Config, apply, load_yaml, parse_overrides, save_yaml
 from pipeline.errors import UserError
@@ -122,6 +122,17 @@ def pick_device(config: Config) -> torch.device:
     return torch.device(wanted)
 
 
+def pick_data_path(config: Config, device: torch.device) -> str:
+    """`train.data_path`: gpu (decode and augment on the device, gpu_views.py), cpu (in DataLoader
+    workers, views.py) or auto: gpu on CUDA, else cpu. `gpu` on a CPU device runs the same code there."""
+    wanted = config.train.data_path
+    if wanted == "auto":
+        return "gpu" if device.type == "cuda" else "cpu"
+    if wanted not in ("cpu", "gpu"):
+        raise UserError(f"train.data_path must be auto, cpu or gpu, not {wanted!r}")
+    return wanted
+
+
 def init_distributed(device: torch.device) -> None:
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.distributed.is_initialized():
         if device.type == "cuda":
@@ -189,6 +200,7 @@ def train(config: Config, run_dir: Path) -> dict[str, Any]:
     checkpoint_path = run_dir / "checkpoints" / "last.pt"
     on_cuda = device.type == "cuda"
     bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and on_cuda)
+    data_path = pick_data_path(config, device)
 
     model: nn.Module = BarlowTwins(config.model.arch, config.model.small_stem, config.model.projector)
     if world > 1:
@@ -222,6 +234,8 @@ def train(config: Config, run_dir: Path) -> dict[str, Any]:
     if config.train.compile:
         core.backbone.compile()
     transform = TwoViews(config.views)
+    device_views = gpu_views.GpuTwoViews(config.views, torch.bfloat16 if bf16 else torch.float32,
+                                         compile=config.train.compile)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     def save_checkpoint(at_step: int) -> None:
@@ -250,10 +264,14 @@ def train(config: Config, run_dir: Path) -> dict[str, Any]:
             epoch, start = divmod(step, plan.steps_per_epoch)
             steps_this_epoch = min(plan.steps_per_epoch, plan.total_steps - epoch * plan.steps_per_epoch)
             batches = stream.train_loader(
-                urls, transform=transform, per_rank_batch=plan.per_rank_batch, steps=steps_this_epoch,
+                urls, transform=transform if data_path == "cpu" else None, per_rank_batch=plan.per_rank_batch,
+                steps=steps_this_epoch,
                 start_step=start, epoch=epoch, seed=config.train.seed, rank=rank, world_size=world,
                 workers=config.data.workers, shuffle_buffer=config.data.shuffle_buffer,
                 max_corrupt_fraction=config.data.max_corrupt_fraction, pin_memory=on_cuda)
+            if data_path == "gpu":  # same (view1, view2, n_seen, n_corrupt) items, built on the device
+                batches = gpu_views.GpuBatches(batches, device_views, device, seed=config.train.seed, epoch=epoch,
+                                               rank=rank, start_step=start)
             for view1, view2, n_seen, n_corrupt in batches:
                 counter.add(n_seen, n_corrupt)
                 counter.check(config.data.max_corrupt_fraction)
@@ -288,7 +306,7 @@ def train(config: Config, run_dir: Path) -> dict[str, Any]:
                     if first_crosscorr is None:
                         first_crosscorr, first_crosscorr_step = last_crosscorr, step
                     if is_main and (step % config.train.diag_every == 0 or step == plan.total_steps):
-                        record.update(diagnose(core, view1, z1))
+                        record.update(diagnose(core, view1.float(), z1))  # bf16 views: the eval pass runs in fp32
                     if is_main:
                         metrics.write(record)
                         bar.set_postfix(loss=f"{record['loss']:.4g}", img_s=f"{record['images_per_s']:.0f}")
