@@ -152,6 +152,24 @@ def served_throughput(url: str, blobs: list[bytes], clients: int, processes: int
             "p99_ms": float(np.percentile(latencies, 99)), "requests": len(latencies), "failures": failures}
 
 
+def server_metrics(url: str) -> dict:
+    """Averages from the service's own metrics: where the time of a served image went."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name.startswith("barlow_") and sample.name.endswith(("_sum", "_count")):
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+
+    def mean(name: str, scale: float = 1.0) -> float:
+        return round(totals.get(f"{name}_sum", 0.0) / max(totals.get(f"{name}_count", 0.0), 1.0) * scale, 2)
+
+    return {"mean_batch": mean("barlow_batch_size"), "mean_inference_ms": mean("barlow_inference_seconds", 1000),
+            "mean_preprocess_ms": mean("barlow_preprocess_seconds", 1000)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, help="an exported MODEL_DIR (default: export a random one)")
@@ -164,6 +182,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help="Embedder (HTTP) worker processes (default %(default)s)")
     parser.add_argument("--client-processes", type=int, default=1,
                         help="processes the C clients are spread over (default %(default)s)")
+    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment for the server, e.g. BARLOW_THREADS=4 (repeatable)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON record")
     args = parser.parse_args()
     batch = args.batch or args.clients
@@ -174,11 +194,13 @@ def main() -> int:
         raw, providers = raw_throughput(model_dir, batch, args.seconds)
         print(f"raw ONNX Runtime ({providers[0]}): {raw:.1f} images/s at batch {batch}", flush=True)
         env = {"BENTOML_HOME": str(Path(tmp) / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
-               "BARLOW_MAX_BATCH": str(max(batch, args.clients)), "BARLOW_WORKERS": str(args.workers)}
+               "BARLOW_MAX_BATCH": str(max(batch, args.clients)), "BARLOW_WORKERS": str(args.workers),
+               **dict(item.split("=", 1) for item in args.server_env)}
         server = start_server(model_dir, env=env, log_file=Path(tmp) / "server.log")
         try:
             served = served_throughput(server.url, jpegs(64, info["image_size"]), args.clients,
                                        args.client_processes, args.warmup, args.seconds)
+            served["server"] = server_metrics(server.url)
         finally:
             server.stop()
 
@@ -197,6 +219,8 @@ def main() -> int:
         "client_processes": args.client_processes,
         "model": {"arch": info["arch"], "image_size": info["image_size"], "dim": info["dim"]},
         "providers": providers,
+        "server": served["server"],
+        "server_env": args.server_env,
         "requests": served["requests"],
         "failures": served["failures"],
         "seconds": args.seconds,

@@ -25,10 +25,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from serving import metrics
-from serving.requests import (EmbedRequest, RequestError, check_body_size, check_token, l2_normalize,
-                              parse_base64_json, parse_multipart, preprocess_all, read_body)
+from serving.drain import IdleDrain
+from serving.requests import (EmbedRequest, RequestError, check_body_size, check_token, header_pixels,
+                              l2_normalize, parse_base64_json, parse_multipart, preprocess_all, read_body)
 from serving.runtime import OnnxEncoder, load_model_info
-from serving.search import open_index, search
 from serving.settings import batching_from_env, env_int, settings_from_env, usable_cpus
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,10 @@ logging.getLogger("serving").setLevel(logging.INFO)  # BentoML's server logging 
 
 MAX_BATCH, MAX_LATENCY_MS = batching_from_env()
 TIMEOUT_S = 60
+# Requests with fewer pixels than this are decoded on the event loop: each GIL hand-off to a worker
+# thread waits up to the 5 ms switch interval while the loop is busy, far more than decoding a small
+# image costs. Bigger ones go to a thread so the loop never stalls for long.
+INLINE_PIXELS = env_int("BARLOW_INLINE_PIXELS", 2_000_000, minimum=0)
 # BentoML 1.4.40 replaces its client session to a dependency every 100 requests or 300 s and closes
 # the old one with requests still in flight on it (503s under load); on a private socket there is
 # nothing to gain from the refresh, so it effectively never happens.
@@ -51,11 +55,14 @@ class Encoder:
         settings = settings_from_env()
         self.model = OnnxEncoder(settings.model_dir, settings.device, settings.threads, MAX_BATCH)
         self.model.warm_up()
+        self.drain = IdleDrain(limit_s=TIMEOUT_S)
+        self.drain.install()  # outlive SIGTERM until the Embedder's in-flight requests got their embeddings
 
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH, max_latency_ms=MAX_LATENCY_MS)
     def encode(self, images: np.ndarray) -> np.ndarray:
-        start = time.perf_counter()
-        embeddings = self.model(images)
+        with self.drain.active():
+            start = time.perf_counter()
+            embeddings = self.model(images)
         metrics.INFERENCE_SECONDS.observe(time.perf_counter() - start)
         metrics.BATCH_SIZE.observe(len(images))
         return embeddings
@@ -87,7 +94,6 @@ async def model(request: Request) -> JSONResponse:
 api = Starlette(routes=[
     Route("/embed", embed, methods=["POST"]),
     Route("/embed_base64", embed_base64, methods=["POST"]),
-    Route("/search", search, methods=["POST"]),
     Route("/model", model, methods=["GET"]),
 ])
 
@@ -95,7 +101,7 @@ api = Starlette(routes=[
 @bentoml.service(name="barlow-embed", workers=env_int("BARLOW_WORKERS", 1), traffic={"timeout": TIMEOUT_S})
 @bentoml.asgi_app(api, path="/")
 class Embedder:
-    """Public API: POST /embed, POST /embed_base64, POST /search, GET /model; BentoML adds /readyz /livez /metrics."""
+    """Public API: POST /embed, POST /embed_base64, GET /model; BentoML adds /readyz /livez /metrics."""
 
     encoder = bentoml.depends(Encoder)
 
@@ -105,7 +111,6 @@ class Embedder:
         self.name, self.dim, self.size = self.info["name"], int(self.info["dim"]), int(self.info["image_size"])
         Image.MAX_IMAGE_PIXELS = self.settings.max_pixels  # Pillow's own bomb guard agrees with ours
         self.decoders = anyio.CapacityLimiter(usable_cpus())  # decoding is CPU-bound: no more threads than CPUs
-        self.search_index = open_index(self.settings.index_dir, self.info)  # None: /search answers 404
         self.warm = False
         self.warm_lock = asyncio.Lock()
         metrics.MODEL_INFO.labels(self.name, self.info.get("onnx_sha256", ""), str(self.dim)).set(1)
@@ -148,8 +153,11 @@ class Embedder:
 
     async def respond(self, request: EmbedRequest) -> JSONResponse:
         start = time.perf_counter()
-        images = await anyio.to_thread.run_sync(
-            preprocess_all, request.images, self.size, self.settings.max_pixels, limiter=self.decoders)
+        if sum(map(header_pixels, request.images)) <= INLINE_PIXELS:
+            images = preprocess_all(request.images, self.size, self.settings.max_pixels)
+        else:
+            images = await anyio.to_thread.run_sync(
+                preprocess_all, request.images, self.size, self.settings.max_pixels, limiter=self.decoders)
         metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - start)
         try:
             embeddings = await self.encode(images)
