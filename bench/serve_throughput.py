@@ -17,6 +17,7 @@ import datetime
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -82,17 +83,22 @@ def jpegs(count: int, image_size: int) -> list[bytes]:
     return blobs
 
 
-def raw_throughput(model_dir: Path, batch: int, seconds: float) -> tuple[float, list[str]]:
-    """Images/s of the session alone, configured as the server configures it."""
+def raw_throughput(model_dir: Path, batch: int, seconds: float) -> tuple[float, float, list[str]]:
+    """Images/s of the session alone, configured as the server configures it: at a fixed batch B,
+    and cycling through every size 1..B as adaptive batches do (shape changes can cost on GPUs)."""
     encoder = OnnxEncoder(model_dir, os.environ.get("BARLOW_DEVICE", "auto"), max_batch=batch)
     images = np.random.default_rng(0).integers(0, 256, (batch, 3, encoder.image_size, encoder.image_size),
                                                dtype=np.uint8)
-    encoder.warm_up((batch, batch))
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        encoder(images)
-        done += batch
-    return done / (time.perf_counter() - start), encoder.providers
+    encoder.warm_up(tuple(range(1, batch + 1)))
+    rates = []
+    for sizes in ([batch], list(range(1, batch + 1))):
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 2:
+            for size in sizes:
+                encoder(images[:size])
+                done += size
+        rates.append(done / (time.perf_counter() - start))
+    return rates[0], rates[1], encoder.providers
 
 
 async def load(url: str, blobs: list[bytes], clients: int, warmup: float, seconds: float) -> dict:
@@ -184,6 +190,7 @@ def main() -> int:
                         help="processes the C clients are spread over (default %(default)s)")
     parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for the server, e.g. BARLOW_THREADS=4 (repeatable)")
+    parser.add_argument("--log", type=Path, help="keep the server's log here")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON record")
     args = parser.parse_args()
     batch = args.batch or args.clients
@@ -191,7 +198,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         model_dir = args.model_dir or random_model(Path(tmp), args.arch, args.image_size)
         info = json.loads((model_dir / "model.json").read_text())
-        raw, providers = raw_throughput(model_dir, batch, args.seconds)
+        raw, raw_mixed, providers = raw_throughput(model_dir, batch, args.seconds)
         print(f"raw ONNX Runtime ({providers[0]}): {raw:.1f} images/s at batch {batch}", flush=True)
         env = {"BENTOML_HOME": str(Path(tmp) / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
                "BARLOW_MAX_BATCH": str(max(batch, args.clients)), "BARLOW_WORKERS": str(args.workers),
@@ -203,12 +210,15 @@ def main() -> int:
             served["server"] = server_metrics(server.url)
         finally:
             server.stop()
+            if args.log:
+                shutil.copy(server.log_path, args.log)
 
     device = device_name()
     record = {
         "device": device,
         "commit": commit(),
         "raw_images_per_s": round(raw, 1),
+        "raw_mixed_batches_images_per_s": round(raw_mixed, 1),
         "served_images_per_s": round(served["served_images_per_s"], 1),
         "served_over_raw": round(served["served_images_per_s"] / raw, 3),
         "p50_ms": round(served["p50_ms"], 1),

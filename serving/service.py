@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from serving import metrics
+from serving.batching import GPU_PROVIDERS, bucket_for, bucket_sizes, pad_rows
 from serving.drain import IdleDrain
 from serving.requests import (EmbedRequest, RequestError, check_body_size, check_token, header_pixels,
                               l2_normalize, parse_base64_json, parse_multipart, preprocess_all, read_body)
@@ -32,7 +33,8 @@ from serving.runtime import OnnxEncoder, load_model_info
 from serving.settings import batching_from_env, env_int, settings_from_env, usable_cpus
 
 logger = logging.getLogger(__name__)
-logging.getLogger("serving").setLevel(logging.INFO)  # BentoML's server logging config sets the root to WARNING
+for _name in ("serving", "pipeline"):  # BentoML's server logging config sets the root to WARNING
+    logging.getLogger(_name).setLevel(logging.INFO)
 
 MAX_BATCH, MAX_LATENCY_MS = batching_from_env()
 TIMEOUT_S = 60
@@ -54,17 +56,22 @@ class Encoder:
     def __init__(self) -> None:
         settings = settings_from_env()
         self.model = OnnxEncoder(settings.model_dir, settings.device, settings.threads, MAX_BATCH)
-        self.model.warm_up()
+        pad = env_int("BARLOW_PAD_BATCHES", int(self.model.providers[0] in GPU_PROVIDERS), minimum=0)
+        self.buckets = bucket_sizes(MAX_BATCH) if pad else ()
+        self.model.warm_up(self.buckets or (1,))
         self.drain = IdleDrain(limit_s=TIMEOUT_S)
         self.drain.install()  # outlive SIGTERM until the Embedder's in-flight requests got their embeddings
 
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH, max_latency_ms=MAX_LATENCY_MS)
     def encode(self, images: np.ndarray) -> np.ndarray:
+        count = len(images)
+        if self.buckets:
+            images = pad_rows(images, bucket_for(count, self.buckets))
         with self.drain.active():
             start = time.perf_counter()
-            embeddings = self.model(images)
+            embeddings = self.model(images)[:count]
         metrics.INFERENCE_SECONDS.observe(time.perf_counter() - start)
-        metrics.BATCH_SIZE.observe(len(images))
+        metrics.BATCH_SIZE.observe(count)
         return embeddings
 
 
