@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -75,6 +76,11 @@ def shard_stem(url: str) -> str:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
             break
+    return safe_name(name)
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe stem: letters, digits, '-', '_' and inner dots."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._") or "shard"
 
 
@@ -102,7 +108,7 @@ def _file_shards(paths: list[tuple[Path, Path]], name: str, per_part: int) -> li
     """(path, relative) pairs, keyed and cut into parts of `per_part` in the given (sorted) order."""
     used: set[str] = set()
     keyed = [(_image_key(relative, used), str(path)) for path, relative in paths]
-    return [Shard(f"{name}-{i // per_part:06d}", f"{name}[{i}:{i + per_part}]", tuple(keyed[i:i + per_part]))
+    return [Shard(f"{safe_name(name)}-{i // per_part:06d}", f"{name}[{i}:{i + per_part}]", tuple(keyed[i:i + per_part]))
             for i in range(0, len(keyed), per_part)]
 
 
@@ -351,8 +357,6 @@ def check_same_model(parts: dict[str, dict[str, Any]], model: dict[str, Any], ou
 
 def write_manifest(out: Path, model: dict[str, Any], data: str, run: dict[str, Any], normalized: bool) -> dict:
     """manifest.json from every part on disk plus this run's numbers (merged with other pods' runs)."""
-    from pipeline.export import write_json
-
     parts = existing_parts(out)
     previous: dict[str, Any] = {}
     try:
@@ -377,8 +381,20 @@ def write_manifest(out: Path, model: dict[str, Any], data: str, run: dict[str, A
         "runs": runs,
         "updated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    write_json(manifest, out / "manifest.json")
+    write_json_atomic(manifest, out / "manifest.json")
     return manifest
+
+
+def write_json_atomic(data: dict[str, Any], path: Path) -> None:
+    """Temp file with a unique name (pods sharing a folder may share a pid), then rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------- the run
@@ -417,7 +433,7 @@ def embed(model_dir: str | Path, data: str, out: str | Path, *, batch_size: int 
 
     Raises UserError (after writing every part it could) when some shards could not be read.
     """
-    from pipeline.runtime import OnnxEncoder, l2_normalize, load_model_info, usable_cpus
+    from pipeline.runtime import load_model_info
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
@@ -440,61 +456,97 @@ def embed(model_dir: str | Path, data: str, out: str | Path, *, batch_size: int 
     logger.info("share %d/%d: %d of %d shards, %d already embedded, %d to do", part_of[0], part_of[1], len(mine),
                 len(shards), len(mine) - len(todo), len(todo))
 
-    start = time.perf_counter()
-    images = failed = 0
-    written: list[str] = []
-    unreadable: list[dict[str, str]] = []
-    providers: list[str] = []
-    if todo:
-        workers = min(usable_cpus(), MAX_WORKERS) if workers is None else workers
-        workers = max(0, min(workers, len(todo)))
-        stream = ShardStream(todo, model["image_size"], batch_size, max_pixels_from_env())
-        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                             prefetch_factor=4 if workers else None)
-        # Workers fork here, before ONNX Runtime starts its threads (and CUDA), and decode while it loads.
-        batches = iter(loader)
-        encoder = OnnxEncoder(Path(model_dir), device, threads, batch_size)
-        providers = encoder.providers
-        by_stem = {s.stem: s for s in todo}
-        open_parts: dict[str, _OpenPart] = {}
-        progress = tqdm(total=_expected_counts(data, todo), desc="embed", unit="img", dynamic_ncols=True)
-        try:
-            for batch in batches:
-                part = open_parts.setdefault(batch.stem, _OpenPart())
-                if batch.keys:
-                    vectors = encoder(batch.images.numpy())
-                    part.embeddings.append(l2_normalize(vectors) if normalize else vectors)
-                    part.keys += batch.keys
-                    part.sources += batch.sources
-                    part.labels += batch.labels
-                part.failures += batch.failures
-                images += len(batch.keys)
-                failed += len(batch.failures)
-                progress.update(len(batch.keys) + len(batch.failures))
-                if not batch.last:
-                    continue
-                del open_parts[batch.stem]
-                shard = by_stem[batch.stem]
-                if batch.error is not None:
-                    unreadable.append({"shard": shard.url, "reason": batch.error})
-                    continue
-                _finish_part(out, shard, part, model, normalize)
-                written.append(shard.part_name)
-        finally:
-            progress.close()
-    seconds = time.perf_counter() - start
+    stats = _embed_shards(todo, Path(model_dir), out, model, data, batch_size=batch_size, workers=workers,
+                          device=device, threads=threads, normalize=normalize) if todo else _Stats()
     run = {"part_of": f"{part_of[0]}/{part_of[1]}", "shards": len(mine), "skipped": len(mine) - len(todo),
-           "written": len(written), "images": images, "failed": failed, "unreadable_shards": unreadable,
-           "duration_s": round(seconds, 3), "images_per_s": round(images / seconds, 2) if images else 0.0,
-           "batch_size": batch_size, "workers": workers if todo else 0, "providers": providers}
+           "written": len(stats.written), "images": stats.images, "failed": stats.failed,
+           "unreadable_shards": stats.unreadable, "duration_s": round(stats.seconds, 3),
+           "startup_s": round(stats.startup_s, 3), "images_per_s": round(stats.images_per_s, 2),
+           "batch_size": batch_size, "workers": stats.workers, "providers": stats.providers}
     manifest = write_manifest(out, model, data, run, normalize)
-    logger.info("embedded %d images into %d parts (%d skipped as undecodable) in %.1f s, %.1f images/s", images,
-                len(written), failed, seconds, run["images_per_s"])
-    if unreadable:
-        first = unreadable[0]
-        raise UserError(f"{len(unreadable)} of {len(todo)} shards could not be read (first: {first['shard']}: "
+    logger.info("embedded %d images into %d parts (%d skipped as undecodable) in %.1f s, %.1f images/s",
+                stats.images, len(stats.written), stats.failed, stats.seconds, stats.images_per_s)
+    if stats.unreadable:
+        first = stats.unreadable[0]
+        raise UserError(f"{len(stats.unreadable)} of {len(todo)} shards could not be read (first: {first['shard']}: "
                         f"{first['reason']}); their parts were not written; run the same command again to retry")
     return manifest
+
+
+@dataclass
+class _Stats:
+    """What one run did; images/s is the steady rate, after the first batch (session load, worker start)."""
+
+    images: int = 0
+    failed: int = 0
+    written: list[str] = field(default_factory=list)
+    unreadable: list[dict[str, str]] = field(default_factory=list)
+    providers: list[str] = field(default_factory=list)
+    workers: int = 0
+    seconds: float = 0.0
+    startup_s: float = 0.0
+    steady_images: int = 0
+    steady_seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        if self.steady_images and self.steady_seconds > 0:
+            return self.steady_images / self.steady_seconds
+        return self.images / self.seconds if self.images and self.seconds > 0 else 0.0
+
+
+def _embed_shards(todo: list[Shard], model_dir: Path, out: Path, model: dict[str, Any], data: str, *,
+                  batch_size: int, workers: int | None, device: str, threads: int, normalize: bool) -> _Stats:
+    """Decode in DataLoader workers, embed in this process, write each shard's part when it closes."""
+    from pipeline.runtime import OnnxEncoder, l2_normalize, usable_cpus
+
+    start = time.perf_counter()
+    stats = _Stats()
+    workers = min(usable_cpus(), MAX_WORKERS) if workers is None else workers
+    stats.workers = max(0, min(workers, len(todo)))
+    stream = ShardStream(todo, model["image_size"], batch_size, max_pixels_from_env())
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=stats.workers,
+                                         prefetch_factor=4 if stats.workers else None)
+    # Workers fork here, before ONNX Runtime starts its threads (and CUDA), and decode while it loads.
+    batches = iter(loader)
+    encoder = OnnxEncoder(model_dir, device, threads, batch_size)
+    stats.providers = encoder.providers
+    by_stem = {s.stem: s for s in todo}
+    open_parts: dict[str, _OpenPart] = {}
+    steady_since = None
+    progress = tqdm(total=_expected_counts(data, todo), desc="embed", unit="img", dynamic_ncols=True)
+    try:
+        for batch in batches:
+            part = open_parts.setdefault(batch.stem, _OpenPart())
+            if batch.keys:
+                vectors = encoder(batch.images.numpy())
+                part.embeddings.append(l2_normalize(vectors) if normalize else vectors)
+                part.keys += batch.keys
+                part.sources += batch.sources
+                part.labels += batch.labels
+            part.failures += batch.failures
+            stats.images += len(batch.keys)
+            stats.failed += len(batch.failures)
+            if steady_since is None:
+                steady_since = time.perf_counter()
+                stats.startup_s = steady_since - start
+            else:
+                stats.steady_images += len(batch.keys)
+            progress.update(len(batch.keys) + len(batch.failures))
+            if not batch.last:
+                continue
+            del open_parts[batch.stem]
+            shard = by_stem[batch.stem]
+            if batch.error is not None:
+                stats.unreadable.append({"shard": shard.url, "reason": batch.error})
+                continue
+            _finish_part(out, shard, part, model, normalize)
+            stats.written.append(shard.part_name)
+    finally:
+        progress.close()
+    stats.seconds = time.perf_counter() - start
+    stats.steady_seconds = time.perf_counter() - steady_since if steady_since is not None else 0.0
+    return stats
 
 
 def _finish_part(out: Path, shard: Shard, part: _OpenPart, model: dict[str, Any], normalize: bool) -> None:
@@ -513,10 +565,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="URLS",
                         help="shards as in training (path, folder of .tar, brace pattern, pipe:CMD, http(s); '::' "
                              "joins several), a plain image folder, or a .txt file with one image path a line")
-    parser.add_argument("--out", required=True, type=Path, metavar="EMB_DIR", help="folder for the parts and manifest.json")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="images per inference (default %(default)s)")
+    parser.add_argument("--out", required=True, type=Path, metavar="EMB_DIR",
+                        help="folder for the parts and manifest.json")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
+                        help="images per inference (default %(default)s)")
     parser.add_argument("--workers", type=int, default=None,
-                        help=f"decoding processes (default: usable CPUs, at most {MAX_WORKERS}; 0 decodes in the main process)")
+                        help=f"decoding processes (default: usable CPUs, at most {MAX_WORKERS}; 0: decode in the "
+                             "main process)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "tensorrt"),
                         help="ONNX Runtime device (default %(default)s: CUDA when a GPU is visible)")
     parser.add_argument("--part-of", metavar="i/n", default=None,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import math
 import os
@@ -34,14 +33,14 @@ KINDS = ("flat", "ivf-pq")
 METRIC = "cosine"
 MIN_IVF_PQ = 10_000  # PQ's 256 centroids per sub-space want ~39 training points each
 DEFAULT_NPROBE = 32
-TRAIN_POINTS_PER_LIST = 64
+TRAIN_POINTS_PER_LIST = 40  # faiss warns below 39 training points per centroid
 
 
 def read_parts(emb_dir: Path) -> tuple[list[Path], dict[str, Any]]:
     """The parts of EMB_DIR and their common model; refuses parts of different models."""
-    parts = sorted(Path(emb_dir).glob("part-*.parquet"))
     if not Path(emb_dir).is_dir():
         raise UserError(f"{emb_dir} is not a folder; create it with barlow embed MODEL_DIR --out {emb_dir}")
+    parts = sorted(Path(emb_dir).glob("part-*.parquet"))
     if not parts:
         raise UserError(f"{emb_dir} holds no part-*.parquet files; run barlow embed first")
     model, first = None, None
@@ -78,8 +77,12 @@ def pq_subquantizers(dim: int) -> int:
 
 
 def ivf_lists(count: int) -> int:
-    """Inverted lists: ~4 sqrt(N), kept low enough that each list gets training points."""
-    return int(max(16, min(65536, 4 * math.sqrt(count), count // TRAIN_POINTS_PER_LIST)))
+    """Inverted lists: ~sqrt(N) (316 for 1e5, 1000 for 1e6), kept low enough that each gets training points.
+
+    faiss suggests up to 16 sqrt(N) for speed at very large N; sqrt(N) keeps training affordable on a
+    CPU (k-means cost grows with lists x training points) and nprobe lists still cover a good share.
+    """
+    return int(max(16, min(65536, math.sqrt(count), count // TRAIN_POINTS_PER_LIST)))
 
 
 def new_index(kind: str, dim: int, count: int):
@@ -93,7 +96,12 @@ def new_index(kind: str, dim: int, count: int):
     nlist, m = ivf_lists(count), pq_subquantizers(dim)
     # np: no polysemous training (it only serves Hamming-distance filtering, which cosine search never uses).
     index = faiss.index_factory(dim, f"IVF{nlist},PQ{m}x8np", faiss.METRIC_INNER_PRODUCT)
-    return index, {"nlist": nlist, "pq_bytes": m, "nprobe": DEFAULT_NPROBE}
+    return index, {"nlist": nlist, "pq_bytes": m, "nprobe": min(DEFAULT_NPROBE, nlist)}
+
+
+def training_size(nlist: int) -> int:
+    """Vectors to train ivf-pq on: enough for the coarse lists and for PQ's 256 centroids per sub-space."""
+    return max(nlist * TRAIN_POINTS_PER_LIST, 256 * TRAIN_POINTS_PER_LIST)
 
 
 def training_sample(parts: list[Path], count: int, size: int, seed: int = 0) -> np.ndarray:
@@ -133,7 +141,7 @@ def build_index(emb_dir: str | Path, out: str | Path, kind: str = "flat") -> dic
     start = time.perf_counter()
     index, params = new_index(kind, dim, count)
     if not index.is_trained:
-        sample = training_sample(parts, count, max(params["nlist"] * TRAIN_POINTS_PER_LIST, 256 * 64))
+        sample = training_sample(parts, count, training_size(params["nlist"]))
         logger.info("training %s (nlist %d, %d-byte codes) on %d of %d embeddings", kind, params["nlist"],
                     params["pq_bytes"], len(sample), count)
         index.train(sample)
@@ -153,7 +161,8 @@ def build_index(emb_dir: str | Path, out: str | Path, kind: str = "flat") -> dic
     os.replace(out / f".keys.parquet{suffix}", out / "keys.parquet")
     info = {
         "format": INDEX_FORMAT, "model": model, "dim": dim, "metric": METRIC, "kind": kind, "count": int(index.ntotal),
-        **params, "parts": len(parts), "source": str(emb_dir.resolve()), "build_s": round(time.perf_counter() - start, 3),
+        **params, "parts": len(parts), "source": str(emb_dir.resolve()),
+        "build_s": round(time.perf_counter() - start, 3),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     write_json(info, out / "index.json")

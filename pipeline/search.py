@@ -45,7 +45,8 @@ class SearchIndex:
         paths = {name: self.dir / name for name in ("index.json", "index.faiss", "keys.parquet")}
         missing = [name for name, path in paths.items() if not path.is_file()]
         if missing:
-            raise UserError(f"{self.dir} is not an INDEX_DIR (missing {', '.join(missing)}); build it with barlow index")
+            raise UserError(f"{self.dir} is not an INDEX_DIR (missing {', '.join(missing)}); "
+                            "build it with barlow index")
         try:
             self.info = json.loads(paths["index.json"].read_text())
         except (OSError, ValueError) as exc:
@@ -56,7 +57,8 @@ class SearchIndex:
             self.index = faiss.read_index(str(paths["index.faiss"]))
             self.rows = pq.read_table(paths["keys.parquet"], columns=["key", "source", "label"])
         except Exception as exc:  # faiss raises RuntimeError, pyarrow ArrowInvalid on torn files
-            raise UserError(f"{self.dir} is unreadable ({str(exc).splitlines()[0][:160]}); rebuild it with barlow index") from None
+            reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            raise UserError(f"{self.dir} is unreadable ({reason}); rebuild it with barlow index") from None
         if not (self.index.ntotal == self.rows.num_rows == self.info.get("count")):
             raise UserError(f"{self.dir} is incomplete (index {self.index.ntotal} rows, keys {self.rows.num_rows}, "
                             f"index.json {self.info.get('count')}); rebuild it with barlow index")
@@ -73,7 +75,8 @@ class SearchIndex:
         sha = model_info.get("onnx_sha256", "")
         if sha != self.model.get("sha256"):
             raise UserError(
-                f"the index {self.dir} was built from {self.model.get('name')} (sha256 {str(self.model.get('sha256'))[:12]}), "
+                f"the index {self.dir} was built from {self.model.get('name')} "
+                f"(sha256 {str(self.model.get('sha256'))[:12]}), "
                 f"not from {model_info.get('name')} (sha256 {sha[:12]}); search it with the model it was built from, "
                 "or re-embed and re-index with this one")
 
@@ -158,12 +161,14 @@ def search_key(index_dir: str | Path, key: str, k: int = DEFAULT_K) -> list[dict
     return [{"query": key, "rank": rank, **hit} for rank, hit in enumerate(index.neighbours_of_key(key, k), 1)]
 
 
-def demo_query(model_dir: str | Path, out_dir: str | Path, k: int = 5, query: int = 0) -> dict[str, Any]:
+def demo_query(model_dir: str | Path, out_dir: str | Path, k: int = 5, query: int = 0,
+               limit: int | None = None) -> dict[str, Any]:
     """The search part of `make demo`: index Fashion-MNIST test with MODEL_DIR and run one query.
 
-    Writes (or reuses) `out_dir/shards/test`, `out_dir/embeddings`, `out_dir/index`. The query is
-    test image `query`, upscaled 2x and re-encoded as JPEG (a copy the index has never seen). Returns
-    {"query": {...}, "neighbours": [...], "summary": "<one line>"}; labels are class names.
+    Writes (or reuses) `out_dir/shards/test`, `out_dir/embeddings`, `out_dir/index` (the first `limit`
+    test images; all 10,000 by default). The query is test image `query`, upscaled 2x and re-encoded
+    as JPEG (a copy the index has never seen). Returns {"query": {...}, "neighbours": [...],
+    "summary": "<one line>"}; labels are class names.
     """
     from PIL import Image
 
@@ -174,7 +179,7 @@ def demo_query(model_dir: str | Path, out_dir: str | Path, k: int = 5, query: in
     out_dir = Path(out_dir)
     shard_dir = out_dir / "shards" / "test"
     if not (shard_dir / "index.json").exists():
-        write_shards("fashion-mnist:test", shard_dir, overwrite=True)
+        write_shards("fashion-mnist:test", shard_dir, limit=limit, overwrite=True)
     embed(model_dir, str(shard_dir), out_dir / "embeddings")  # resumes: nothing to do on a re-run
     if not (out_dir / "index" / "index.json").exists():
         build_index(out_dir / "embeddings", out_dir / "index")
@@ -186,7 +191,7 @@ def demo_query(model_dir: str | Path, out_dir: str | Path, k: int = 5, query: in
         hit["label"] = FASHION_MNIST_CLASSES[hit["label"]] if hit["label"] is not None else None
     truth = FASHION_MNIST_CLASSES[int(labels[query])]
     same = sum(hit["label"] == truth for hit in hits)
-    summary = (f"query {copy.name} (a {truth}, test image {query} resized and re-encoded): top-1 {hits[0]['key']} "
+    summary = (f"query {copy.name} (test image {query}, {truth}, resized and re-encoded): top-1 {hits[0]['key']} "
                f"({hits[0]['label']}, cosine {hits[0]['score']:.3f}); {same} of {len(hits)} neighbours are {truth}")
     return {"query": {"path": str(copy), "test_index": query, "label": truth}, "neighbours": hits, "summary": summary}
 

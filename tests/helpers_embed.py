@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -100,8 +99,3 @@ def clustered_vectors(count: int, dim: int, clusters: int = 200, seed: int = 0) 
     centres = rng.standard_normal((clusters, dim)).astype(np.float32)
     vectors = centres[rng.integers(0, clusters, count)] + 0.5 * rng.standard_normal((count, dim)).astype(np.float32)
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-
-
-def copy_dir(src: Path, dest: Path) -> Path:
-    shutil.copytree(src, dest)
-    return dest

@@ -250,7 +250,8 @@ def test_image_folders_and_path_lists_are_embedded_like_shards(model_dir, tmp_pa
     listed = read_rows(tmp_path / "emb-list")
     assert listed["source"] == [str(tmp_path / "photos/top.jpg"), str(folder / "cats/a.jpg")]
     assert (tmp_path / "emb-list" / "part-list-000000.parquet").is_file()
-    expected = l2_normalize(OnnxEncoder(model_dir, "cpu")(np.stack([load_array(blobs[n], 32) for n in ("top.jpg", "cats/a.jpg")])))
+    arrays = np.stack([load_array(blobs[name], 32) for name in ("top.jpg", "cats/a.jpg")])
+    expected = l2_normalize(OnnxEncoder(model_dir, "cpu")(arrays))
     assert np.abs(np.array(listed["embedding"]) - expected).max() < 1e-5
     by_key = dict(zip(rows["key"], rows["embedding"]))
     assert np.abs(np.array(by_key["top"]) - np.array(listed["embedding"][0])).max() < 1e-5

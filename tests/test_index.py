@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from helpers_embed import (clustered_vectors, fmnist_copy, other_model, read_rows, shared_embeddings, shared_model)
+from helpers_embed import clustered_vectors, fmnist_copy, other_model, read_rows, shared_embeddings, shared_model
 from pipeline import cli
 from pipeline.embed import EMBEDDINGS_FORMAT, embed, write_part
 from pipeline.errors import UserError
@@ -77,7 +77,8 @@ def test_a_resized_reencoded_copy_finds_its_original_first(index_dir, model_dir,
         hits = [r for r in records if r["query"] == str(path)]
         assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
         assert hits[0]["key"] == f"{index:06d}" and hits[0]["source"] == f"fashion-mnist:test/{index}"
-        assert hits[0]["score"] > 0.99 and [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+        scores = [h["score"] for h in hits]
+        assert scores[0] > 0.99 and scores == sorted(scores, reverse=True)
 
 
 @pytest.mark.slow  # the exported model and its embeddings (~30 s once per session)

@@ -1,0 +1,285 @@
+"""Batch-embedding and search benchmark, in one run on one machine.
+
+Embedding: end-to-end images/s of `barlow embed` (JPEG shards read, decoded and preprocessed in
+DataLoader workers, ONNX Runtime in the main process, parquet parts written) against the raw model
+images/s (ONNX Runtime on ready uint8 batches) at the same batch and provider, and their ratio
+(target >= 0.9: the model is never starved). Both are steady-state rates, after session load and the
+first batch. Writes bench/results/embed-<device>-<date>.json.
+
+Search: faiss build time, single-query latency (p50/p99) and ivf-pq recall@10 against flat, for N
+synthetic vectors at D = 512 and 2048. The vectors have a low intrinsic dimension, like real
+embeddings; on pure noise no index beats a scan. Writes
+bench/results/search-<date>.json. Skipped, with a note, when faiss is not installed.
+
+    python bench/embed_throughput.py                                       # CPU: ResNet-50, 224 px
+    python bench/embed_throughput.py --provider cuda --images 20000        # GPU
+    python bench/embed_throughput.py --arch resnet18 --image-size 32 --skip-search
+    python bench/embed_throughput.py --skip-embed --search-n 100000 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.runtime import usable_cpus  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MAX_PER_SHARD = 1000  # real buckets have many shards; small runs get at least two per decode worker
+DISTINCT_JPEGS = 256  # distinct photos, repeated under new keys: decoding costs the same, generating less
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("BARLOW_COMMIT", "unknown")
+
+
+def device_name(providers: list[str]) -> str:
+    """What ran the model: the GPU's name when a GPU provider did, else cpu-<N>core."""
+    if providers and providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
+        import torch
+
+        return torch.cuda.get_device_name(0).replace(" ", "-")
+    return f"cpu-{usable_cpus()}core"
+
+
+def random_model(out: Path, arch: str, image_size: int) -> Path:
+    """Export a randomly initialised encoder: speed does not depend on the weights."""
+    from pipeline.checkpoint import save_encoder
+    from pipeline.config import Config
+    from pipeline.export import export_model
+    from pipeline.model import build_encoder
+    from pipeline.presets import PRESETS
+
+    config = Config.from_dict(PRESETS["fmnist" if image_size <= 64 else "imagenet"])
+    config.model.arch, config.views.image_size = arch, image_size
+    backbone, _ = build_encoder(arch, config.model.small_stem)
+    save_encoder(out / "run" / "encoder.pt", backbone, config, step=0)
+    export_model(out / "run", out / "model")
+    return out / "model"
+
+
+def photo_jpegs(count: int, width: int, height: int) -> list[bytes]:
+    """Photo-like JPEGs (smooth colour fields with an edge) at a typical ImageNet size."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    blobs = []
+    for _ in range(count):
+        pixels = np.stack([np.sin(x * rng.uniform(2, 9) + rng.uniform(0, 6)) + y * rng.uniform(-2, 2)
+                           for _ in range(3)], -1)
+        pixels += (x > rng.uniform(0.2, 0.8))[..., None] * rng.uniform(-0.8, 0.8, 3)
+        pixels = ((pixels - pixels.min()) / np.ptp(pixels) * 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+        blobs.append(buffer.getvalue())
+    return blobs
+
+
+def per_shard(count: int) -> int:
+    return max(50, min(MAX_PER_SHARD, count // (2 * usable_cpus())))
+
+
+def write_jpeg_shards(out: Path, count: int, width: int, height: int) -> Path:
+    import webdataset as wds
+
+    blobs = photo_jpegs(min(count, DISTINCT_JPEGS), width, height)
+    out.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=per_shard(count), verbose=0) as writer:
+        for i in range(count):
+            writer.write({"__key__": f"{i:09d}", "jpg": blobs[i % len(blobs)]})
+    return out
+
+
+def raw_images_per_s(model_dir: Path, provider: str, batch: int, seconds: float) -> tuple[float, list[str]]:
+    """ONNX Runtime alone on ready uint8 batches, after warm-up."""
+    from pipeline.runtime import OnnxEncoder
+
+    encoder = OnnxEncoder(model_dir, provider, max_batch=batch)
+    images = np.random.default_rng(0).integers(0, 256, (batch, 3, encoder.image_size, encoder.image_size), np.uint8)
+    for _ in range(3):
+        encoder(images)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        encoder(images)
+        done += batch
+    return done / (time.perf_counter() - start), encoder.providers
+
+
+def bench_embed(args: argparse.Namespace, work: Path) -> dict:
+    from pipeline.embed import embed
+
+    model_dir = args.model_dir or random_model(work, args.arch, args.image_size)
+    info = json.loads((Path(model_dir) / "model.json").read_text())
+    shards = write_jpeg_shards(work / "shards", args.images, *args.photo_size)
+    raw, providers = raw_images_per_s(Path(model_dir), args.provider, args.batch_size, args.raw_seconds)
+    manifest = embed(model_dir, str(shards), work / "emb", batch_size=args.batch_size, workers=args.workers,
+                     device=args.provider)
+    run = manifest["runs"]["0/1"]
+    assert manifest["count"] == args.images, manifest["count"]
+    return {
+        "device": device_name(providers), "commit": commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "embed_images_per_s": run["images_per_s"], "raw_images_per_s": round(raw, 2),
+        "ratio": round(run["images_per_s"] / raw, 3),
+        "config": {"arch": info["arch"], "image_size": info["image_size"], "dim": info["dim"],
+                   "batch_size": args.batch_size, "workers": run["workers"], "providers": providers,
+                   "images": args.images, "jpeg_size": list(args.photo_size), "per_shard": per_shard(args.images),
+                   "cpus": usable_cpus()},
+        "embed_run": {k: run[k] for k in ("duration_s", "startup_s", "images", "written")},
+        "load_average": os.getloadavg()[0],  # other work on the machine skews CPU numbers
+        "versions": versions(),
+    }
+
+
+def embeddings_like(count: int, dim: int, seed: int, rank: int = 64) -> np.ndarray:
+    """Unit vectors of low intrinsic dimension: a power-law spectrum over `rank` directions plus a
+    little isotropic noise, as real embeddings (RankMe far below D) look; made in chunks."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(np.random.default_rng(12345).standard_normal((dim, rank)))[0].T.astype(np.float32)
+    scales = (np.arange(1, rank + 1) ** -0.5).astype(np.float32)
+    out = np.empty((count, dim), np.float32)
+    for start in range(0, count, 100_000):
+        n = min(100_000, count - start)
+        chunk = (rng.standard_normal((n, rank), dtype=np.float32) * scales) @ basis
+        chunk += 0.02 * rng.standard_normal((n, dim), dtype=np.float32)
+        out[start:start + n] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
+    return out
+
+
+def latencies_ms(index, queries: np.ndarray, k: int) -> dict:
+    """Single-query latency (one vector per search call, as /search with one image)."""
+    times = []
+    for query in queries:
+        start = time.perf_counter()
+        index.search(query[None], k)
+        times.append((time.perf_counter() - start) * 1000)
+    return {"p50_ms": round(float(np.percentile(times, 50)), 3), "p99_ms": round(float(np.percentile(times, 99)), 3)}
+
+
+def bench_search(sizes: list[int], dims: list[int], queries: int, threads: int, k: int = 10) -> list[dict]:
+    import faiss
+
+    from pipeline.index import new_index, training_size
+
+    faiss.omp_set_num_threads(threads)
+
+    records = []
+    for dim in dims:
+        for count in sizes:
+            logging.info("search: N=%d D=%d", count, dim)
+            vectors = embeddings_like(count, dim, seed=1)
+            probes = embeddings_like(queries, dim, seed=2)
+            record = {"n": count, "dim": dim, "queries": queries, "k": k}
+            flat, _ = new_index("flat", dim, count)
+            start = time.perf_counter()
+            flat.add(vectors)
+            record["flat"] = {"build_s": round(time.perf_counter() - start, 3), **latencies_ms(flat, probes, k)}
+            _, exact = flat.search(probes, k)
+            del flat
+            ivf, params = new_index("ivf-pq", dim, count)
+            rows = np.random.default_rng(0).choice(count, min(count, training_size(params["nlist"])), replace=False)
+            sample = vectors[rows]
+            start = time.perf_counter()
+            ivf.train(sample)
+            ivf.add(vectors)
+            build = time.perf_counter() - start
+            faiss.extract_index_ivf(ivf).nprobe = params["nprobe"]
+            _, approx = ivf.search(probes, k)
+            recall = float(np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact)]))
+            record["ivf_pq"] = {"build_s": round(build, 3), **latencies_ms(ivf, probes, k), **params,
+                                "train_vectors": len(sample), "recall_at_10": round(recall, 4)}
+            del ivf, vectors
+            logging.info("%s", record)
+            records.append(record)
+    return records
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    found = {"python": platform.python_version()}
+    for package in ("onnxruntime-gpu", "onnxruntime", "faiss-cpu", "torch", "pyarrow", "webdataset"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def write_record(record: dict, name: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", type=Path, help="an exported MODEL_DIR (default: a random --arch model)")
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--photo-size", type=int, nargs=2, default=(500, 375), metavar=("W", "H"),
+                        help="JPEG size in the shards (default: a typical ImageNet photo)")
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=None, help="decode workers (default: barlow embed's)")
+    parser.add_argument("--provider", default="auto", choices=("auto", "cpu", "cuda", "tensorrt"))
+    parser.add_argument("--raw-seconds", type=float, default=20.0, help="how long to time the raw model")
+    parser.add_argument("--skip-embed", action="store_true")
+    parser.add_argument("--skip-search", action="store_true")
+    parser.add_argument("--search-n", type=int, nargs="+", default=[100_000])
+    parser.add_argument("--search-dims", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--queries", type=int, default=500)
+    parser.add_argument("--faiss-threads", type=int, default=1,
+                        help="OpenMP threads for faiss (default 1: per-request latency, as concurrent requests see it)")
+    parser.add_argument("--work-dir", type=Path, help="keep the model, shards and parts here (default: a temp dir)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    date = datetime.date.today().isoformat()
+
+    if not args.skip_embed:
+        with tempfile.TemporaryDirectory(prefix="bench-embed-") as tmp:
+            work = args.work_dir or Path(tmp)
+            record = bench_embed(args, work)
+        path = write_record(record, f"embed-{record['device']}-{date}.json")
+        print(json.dumps({k: record[k] for k in ("device", "embed_images_per_s", "raw_images_per_s", "ratio")}))
+        print(f"wrote {path}")
+    if not args.skip_search:
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            print("faiss is not installed here: search benchmark skipped (pip install faiss-cpu)")
+            return 0
+        record = {"device": f"cpu-{usable_cpus()}core", "commit": commit(),
+                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "data": "synthetic unit vectors: rank-64 power-law spectrum + 0.02 noise, cosine",
+                  "faiss_threads": args.faiss_threads, "load_average_before": os.getloadavg()[0],
+                  "results": bench_search(args.search_n, args.search_dims, args.queries, args.faiss_threads),
+                  "load_average_after": os.getloadavg()[0], "versions": versions()}
+        path = write_record(record, f"search-{date}.json")
+        print(json.dumps(record["results"]))
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
