@@ -194,6 +194,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON record")
     args = parser.parse_args()
     batch = args.batch or args.clients
+    load_at_start = os.getloadavg()[0]
 
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         model_dir = args.model_dir or random_model(Path(tmp), args.arch, args.image_size)
@@ -235,6 +236,7 @@ def main() -> int:
         "failures": served["failures"],
         "seconds": args.seconds,
         "cpus": usable_cpus(),
+        "load_average_1m_at_start": round(load_at_start, 2),  # other work on the machine skews both numbers
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     args.out.mkdir(parents=True, exist_ok=True)
