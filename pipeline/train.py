@@ -48,6 +48,8 @@ def add_arguments(parser) -> None:
     length.add_argument("--steps", type=int, help="total optimizer steps (overrides epochs)")
     length.add_argument("--epochs", type=int, help="total epochs of data.samples_per_epoch samples")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    parser.add_argument("--monitor-data", metavar="SRC", help="labelled shards (or fashion-mnist:test) for an online kNN")
+    parser.add_argument("--monitor-every", type=int, metavar="N", help="steps between kNN runs (default train.diag_every)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.batch_size=256")
 
 
@@ -79,7 +81,14 @@ def resolve_config(args) -> Config:
 
 
 def run(args) -> int:
-    summary = train(resolve_config(args), Path(args.out))
+    config = resolve_config(args)
+    monitor = None
+    if args.monitor_data and int(os.environ.get("RANK", 0)) == 0:  # the kNN runs on rank 0 only
+        from pipeline.evaluate import KnnMonitor
+
+        monitor = KnnMonitor(args.monitor_data, config.views.image_size, config.views.mean, config.views.std,
+                             every=args.monitor_every or config.train.diag_every)
+    summary = train(config, Path(args.out), monitor)
     return SIGTERM_EXIT_CODE if summary["stopped_by_signal"] else 0
 
 
@@ -185,7 +194,8 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(state["python"])
 
 
-def train(config: Config, run_dir: Path) -> dict[str, Any]:
+def train(config: Config, run_dir: Path, monitor=None) -> dict[str, Any]:
+    """`monitor`: an `evaluate.KnnMonitor`, run on rank 0 at logging steps; its accuracy goes into the record."""
     device = pick_device(config)
     init_distributed(device)
     rank, world = distributed.rank(), distributed.world_size()
@@ -227,6 +237,8 @@ def train(config: Config, run_dir: Path) -> dict[str, Any]:
     gauges = None
     if config.train.metrics_port and int(os.environ.get("LOCAL_RANK", 0)) == 0:
         gauges = diagnostics.PrometheusGauges(config.train.metrics_port)
+        if monitor:
+            monitor.attach(gauges)
 
     core = model
     if world > 1:
@@ -307,9 +319,12 @@ def train(config: Config, run_dir: Path) -> dict[str, Any]:
                         first_crosscorr, first_crosscorr_step = last_crosscorr, step
                     if is_main and (step % config.train.diag_every == 0 or step == plan.total_steps):
                         record.update(diagnose(core, view1.float(), z1))  # bf16 views: the eval pass runs in fp32
+                    if is_main and monitor and monitor.due(step, plan.total_steps):
+                        record.update(monitor(core.backbone, device))
                     if is_main:
                         metrics.write(record)
-                        bar.set_postfix(loss=f"{record['loss']:.4g}", img_s=f"{record['images_per_s']:.0f}")
+                        bar.set_postfix(loss=f"{record['loss']:.4g}", img_s=f"{record['images_per_s']:.0f}",
+                                        **(monitor.postfix() if monitor else {}))
                     if gauges:
                         gauges.update(record)
                 elif world == 1 and stop.raised:
