@@ -1,8 +1,11 @@
-"""Training throughput: image pairs/s of (a) the training step on synthetic device-resident tensors and
-(b) end to end from JPEG WebDataset shards through the real loader and CPU views, in one run.
+"""Training throughput: image pairs/s of (a) the training step on synthetic device-resident tensors,
+(b) end to end from JPEG WebDataset shards through the real loader and CPU views (N workers), and
+(c) end to end from the same shards through the GPU data path (workers read bytes; decode and views
+on the device, gpu_views.py), in one run on one device.
 
-The ratio b/a says how much the data path starves the model. Writes
-bench/results/train_throughput-<device>-<date>.json.
+The ratios b/a and c/a say how much each data path starves the model, c/b what the GPU path gains.
+Also recorded: the fraction of the time spent waiting for the next batch, and the GPU memory peak.
+Writes bench/results/train_throughput-<device>-<date>.json.
 
     python bench/train_throughput.py                      # CPU: fmnist model at 32 px
     python bench/train_throughput.py --preset imagenet --batch 256 --image-size 224   # one GPU, bf16
@@ -29,7 +32,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import stream  # noqa: E402
+from pipeline import gpu_views, stream  # noqa: E402
 from pipeline.config import Config, apply  # noqa: E402
 from pipeline.model import BarlowTwins  # noqa: E402
 from pipeline.optim import build_optimizer, set_lr  # noqa: E402
@@ -69,6 +72,14 @@ def source_photos() -> list[np.ndarray]:
             low = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
             photos.append(np.asarray(Image.fromarray(low).resize((1024, 768), Image.BICUBIC)))
         return photos
+
+
+def source_photos_are_real() -> bool:
+    try:
+        import skimage.data  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return True
 
 
 def write_jpeg_shards(out: Path, count: int, per_shard: int = 256) -> None:
@@ -123,6 +134,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shards", help="existing JPEG shards (default: generate them in a temp dir)")
+    parser.add_argument("--images", type=int, default=4096, help="JPEGs to generate (the streams resample them)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone and the GPU views' ops")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
 
@@ -142,6 +155,15 @@ def main() -> None:
     model = BarlowTwins(config.model.arch, config.model.small_stem, config.model.projector).to(device, memory_format=memory_format)
     optimizer, _ = build_optimizer(model, config.optim)
     set_lr(optimizer, 10, 100, 10, config.optim.final_lr_fraction)
+    if args.compile:
+        model.backbone.compile()
+
+    def reset_peak() -> None:
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def peak_gib() -> float | None:
+        return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if on_cuda else None
 
     def step(view1: torch.Tensor, view2: torch.Tensor, *counts) -> None:
         view1 = view1.to(device, non_blocking=True, memory_format=memory_format)
@@ -159,16 +181,32 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shard_dir = Path(args.shards) if args.shards else Path(tmp) / "shards"
         if not args.shards:
-            write_jpeg_shards(shard_dir, count=args.batch * total + args.batch * max(args.workers, 1))
-        batches = stream.train_loader(
-            stream.expand_urls(str(shard_dir)), transform=TwoViews(config.views), per_rank_batch=args.batch,
-            steps=total, start_step=0, epoch=0, seed=0, rank=0, world_size=1, workers=args.workers,
-            shuffle_buffer=256, max_corrupt_fraction=0.01, pin_memory=on_cuda)
+            write_jpeg_shards(shard_dir, count=min(args.images, args.batch * total + args.batch * max(args.workers, 1)))
+        urls = stream.expand_urls(str(shard_dir))
+
+        def loader(transform):
+            return stream.train_loader(
+                urls, transform=transform, per_rank_batch=args.batch, steps=total, start_step=0, epoch=0, seed=0,
+                rank=0, world_size=1, workers=args.workers, shuffle_buffer=256, max_corrupt_fraction=0.01,
+                pin_memory=on_cuda)
+
+        seconds, waited = time_steps(step, loader(TwoViews(config.views)), args.warmup, args.steps, device)
+        cpu_pairs = args.batch * args.steps / seconds
+        cpu_wait = waited / seconds
+        print(f"(b) JPEG shards, CPU views, {args.workers} workers: {cpu_pairs:.1f} pairs/s "
+              f"(data wait {100 * cpu_wait:.0f} % of the time)")
+        print(f"ratio b/a: {cpu_pairs / synthetic_pairs:.2f}")
+
+        reset_peak()
+        views = gpu_views.GpuTwoViews(config.views, torch.bfloat16 if on_cuda else torch.float32, compile=args.compile)
+        batches = gpu_views.GpuBatches(loader(None), views, device, seed=0, epoch=0, rank=0, start_step=0)
         seconds, waited = time_steps(step, batches, args.warmup, args.steps, device)
-    cpu_pairs = args.batch * args.steps / seconds
-    print(f"(b) JPEG shards, CPU views, {args.workers} workers: {cpu_pairs:.1f} pairs/s "
-          f"(data wait {100 * waited / seconds:.0f} % of the time)")
-    print(f"ratio b/a: {cpu_pairs / synthetic_pairs:.2f}")
+        gpu_pairs = args.batch * args.steps / seconds
+        gpu_wait = waited / seconds
+        gpu_peak = peak_gib()
+    print(f"(c) JPEG shards, GPU views ({args.workers} workers reading bytes): {gpu_pairs:.1f} pairs/s "
+          f"(data wait {100 * gpu_wait:.0f} % of the time)")
+    print(f"ratio c/a: {gpu_pairs / synthetic_pairs:.2f}, c/b: {gpu_pairs / cpu_pairs:.2f}")
 
     name = device_name(device)
     record = {
@@ -178,9 +216,15 @@ def main() -> None:
         "image_size": size, "batch": args.batch, "precision": "bf16" if on_cuda else "fp32",
         "steps": args.steps, "workers": args.workers,
         "synthetic": {"pairs_per_s": round(synthetic_pairs, 2)},
-        "cpu_views": {"pairs_per_s": round(cpu_pairs, 2), "data_wait_fraction": round(waited / seconds, 3)},
+        "cpu_views": {"pairs_per_s": round(cpu_pairs, 2), "data_wait_fraction": round(cpu_wait, 3)},
         "cpu_views_over_synthetic": round(cpu_pairs / synthetic_pairs, 3),
         "gpu_memory_peak_gib": round(peak_memory, 2) if peak_memory is not None else None,
+        "gpu_views": {"pairs_per_s": round(gpu_pairs, 2), "data_wait_fraction": round(gpu_wait, 3),
+                      "gpu_memory_peak_gib": gpu_peak},
+        "gpu_views_over_synthetic": round(gpu_pairs / synthetic_pairs, 3),
+        "gpu_views_over_cpu_views": round(gpu_pairs / cpu_pairs, 3),
+        "compile": args.compile,
+        "photos": "scikit-image" if source_photos_are_real() else "synthetic scenes (scikit-image not installed)",
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

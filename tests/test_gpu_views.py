@@ -348,7 +348,7 @@ def test_gpu_batches_count_corrupt_samples_and_resume_identically(jpeg_shards):
     assert sum(b[2] for b in full) == sum(batch.seen for batch in raw) == 6 * 5 + in_workers
 
 
-def test_every_step_gets_new_views_of_the_same_image(tmp_path):
+def test_every_sample_of_a_batch_gets_its_own_views(tmp_path):
     urls = [write_tar(tmp_path / "same.tar", [{"__key__": f"{i:02d}", "jpg": jpeg_bytes(0, (40, 40))} for i in range(8)])]
     (view1, _, _, _), = G.GpuBatches(raw_loader(urls, steps=1, per_rank_batch=8, workers=0),
                                      G.GpuTwoViews(ViewConfig(image_size=16)), CPU, seed=0, epoch=0, rank=0, start_step=0)
@@ -417,3 +417,55 @@ def test_gpu_data_path_trains_and_resumes_bit_identically_on_cpu(fmnist_shards, 
     assert expected["config"]["train"]["data_path"] == "gpu" and actual["step"] == 6
     for name, tensor in expected["model"].items():
         assert torch.equal(tensor, actual["model"][name]), f"{name} differs after resume"
+
+
+# ---------------------------------------------------------------- on a GPU (the same code as above, on CUDA)
+
+
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_decode_and_views_match_the_cpu_ones(compile):
+    cuda = torch.device("cuda")
+    encoded = [as_tensor(jpeg_bytes(seed, (64 + seed, 48))) for seed in range(6)] + [as_tensor(jpeg_bytes(9, fmt="PNG"))]
+    on_cpu, failed_cpu = G.decode_batch(encoded, CPU)
+    on_gpu, failed_gpu = G.decode_batch(encoded, cuda)  # nvJPEG for the JPEGs, PIL for the PNG
+    assert failed_cpu == failed_gpu == []
+    for a, b in zip(on_cpu, on_gpu):
+        assert b.device.type == "cuda" and a.shape == b.shape
+        assert (a.float() - b.cpu().float()).abs().mean() < 1.0  # IDCT/upsampling rounding differs slightly
+    # fixed parameters, drawn once on the CPU: the device must not change the result
+    cfg = ViewConfig(image_size=32)
+    sizes = torch.tensor([image.shape[-2:] for image in on_cpu], dtype=torch.float32)
+    params = G.draw_params(sizes, cfg, 0, torch.Generator().manual_seed(0))
+    crops = G.resized_crops(on_cpu, [params.boxes], 32)[0]
+    expected = G.augment(crops, params, cfg, 0)
+    moved = G.ViewParams(**{name: value.to(cuda) for name, value in vars(params).items()})
+    augment = torch.compile(G.augment, dynamic=False) if compile else G.augment
+    crops_gpu = G.resized_crops([image.to(cuda) for image in on_cpu], [moved.boxes], 32)[0]
+    assert (crops_gpu.cpu() - crops).abs().max() < 1e-4
+    assert (augment(crops_gpu, moved, cfg, 0).cpu() - expected).abs().max() < 1e-3
+    # the views of a step: bf16, channels_last, on the device, the same for the same step seed
+    views = G.GpuTwoViews(cfg, torch.bfloat16, compile=compile)
+    first = views(on_gpu, G.step_generator(cuda, 0, 0, 0, 3))
+    again = views(on_gpu, G.step_generator(cuda, 0, 0, 0, 3))
+    for a, b in zip(first, again):
+        assert a.is_cuda and a.dtype == torch.bfloat16 and a.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_gpu_batches_overlap_safely_and_resume(jpeg_shards):
+    cuda = torch.device("cuda")
+
+    def batches(start_step):
+        return G.GpuBatches(raw_loader(jpeg_shards, start_step=start_step, pin_memory=True),
+                            G.GpuTwoViews(ViewConfig(image_size=16), torch.bfloat16), cuda, seed=3, epoch=0, rank=0,
+                            start_step=start_step)
+
+    full = [(a.float().cpu(), b.float().cpu(), *rest) for a, b, *rest in batches(0)]  # consumed on the main stream
+    resumed = [(a.float().cpu(), b.float().cpu(), *rest) for a, b, *rest in batches(2)]
+    assert len(full) == 6 and len(resumed) == 4
+    for a, b in zip(full[2:], resumed):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2:] == b[2:]
