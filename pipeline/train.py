@@ -271,69 +271,71 @@ def train(config: Config, run_dir: Path, monitor=None) -> dict[str, Any]:
     last_log_time, last_log_step = time.perf_counter(), step
     last_crosscorr = first_crosscorr
     model.train()
-    with StopFlag() as stop:
-        while step < plan.total_steps and not stopped_by_signal:
-            epoch, start = divmod(step, plan.steps_per_epoch)
-            steps_this_epoch = min(plan.steps_per_epoch, plan.total_steps - epoch * plan.steps_per_epoch)
-            batches = stream.train_loader(
-                urls, transform=transform if data_path == "cpu" else None, per_rank_batch=plan.per_rank_batch,
-                steps=steps_this_epoch,
-                start_step=start, epoch=epoch, seed=config.train.seed, rank=rank, world_size=world,
-                workers=config.data.workers, shuffle_buffer=config.data.shuffle_buffer,
-                max_corrupt_fraction=config.data.max_corrupt_fraction, pin_memory=on_cuda)
-            if data_path == "gpu":  # same (view1, view2, n_seen, n_corrupt) items, built on the device
-                batches = gpu_views.GpuBatches(batches, device_views, device, seed=config.train.seed, epoch=epoch,
-                                               rank=rank, start_step=start)
-            for view1, view2, n_seen, n_corrupt in batches:
-                counter.add(n_seen, n_corrupt)
-                counter.check(config.data.max_corrupt_fraction)
-                view1 = view1.to(device, non_blocking=True, memory_format=torch.channels_last if on_cuda else torch.preserve_format)
-                view2 = view2.to(device, non_blocking=True, memory_format=torch.channels_last if on_cuda else torch.preserve_format)
-                set_lr(optimizer, step, plan.total_steps, plan.warmup_steps, config.optim.final_lr_fraction)
-                lr = optimizer.param_groups[0]["lr"]
-                loss, crosscorr, z1 = training_step(model, optimizer, view1, view2, config.model.lambd, autocast)
-                nonfinite |= ~torch.isfinite(loss)
-                step += 1
-                bar.update(1)
+    try:
+        with StopFlag() as stop:
+            while step < plan.total_steps and not stopped_by_signal:
+                epoch, start = divmod(step, plan.steps_per_epoch)
+                steps_this_epoch = min(plan.steps_per_epoch, plan.total_steps - epoch * plan.steps_per_epoch)
+                batches = stream.train_loader(
+                    urls, transform=transform if data_path == "cpu" else None, per_rank_batch=plan.per_rank_batch,
+                    steps=steps_this_epoch,
+                    start_step=start, epoch=epoch, seed=config.train.seed, rank=rank, world_size=world,
+                    workers=config.data.workers, shuffle_buffer=config.data.shuffle_buffer,
+                    max_corrupt_fraction=config.data.max_corrupt_fraction, pin_memory=on_cuda)
+                if data_path == "gpu":  # same (view1, view2, n_seen, n_corrupt) items, built on the device
+                    batches = gpu_views.GpuBatches(batches, device_views, device, seed=config.train.seed, epoch=epoch,
+                                                   rank=rank, start_step=start)
+                for view1, view2, n_seen, n_corrupt in batches:
+                    counter.add(n_seen, n_corrupt)
+                    counter.check(config.data.max_corrupt_fraction)
+                    view1 = view1.to(device, non_blocking=True, memory_format=torch.channels_last if on_cuda else torch.preserve_format)
+                    view2 = view2.to(device, non_blocking=True, memory_format=torch.channels_last if on_cuda else torch.preserve_format)
+                    set_lr(optimizer, step, plan.total_steps, plan.warmup_steps, config.optim.final_lr_fraction)
+                    lr = optimizer.param_groups[0]["lr"]
+                    loss, crosscorr, z1 = training_step(model, optimizer, view1, view2, config.model.lambd, autocast)
+                    nonfinite |= ~torch.isfinite(loss)
+                    step += 1
+                    bar.update(1)
 
-                log_now = step % config.train.log_every == 0 or step == plan.total_steps
-                checkpoint_now = step % config.train.checkpoint_every == 0 or step == plan.total_steps
-                if log_now or checkpoint_now:
-                    if bool(nonfinite):  # the one host sync, at logging points only
-                        raise UserError(
-                            f"the loss became non-finite at or before step {step} (lr {lr:.3g}); the last good "
-                            f"checkpoint is {checkpoint_path}: lower optim.lr_weights or check the data")
-                if log_now:
-                    stopped_by_signal = any_rank(stop.raised, device, world)
-                    now = time.perf_counter()
-                    record = {
-                        "step": step, "epoch": epoch, "loss": float(loss),
-                        "on_diag": float(crosscorr.diagonal().mean()),
-                        "off_diag": float(off_diagonal(crosscorr).pow(2).mean().sqrt()),
-                        "lr": lr, "images_per_s": (step - last_log_step) * config.optim.batch_size / (now - last_log_time),
-                        "corrupt": counter.corrupt,
-                    }
-                    last_log_time, last_log_step = now, step
-                    last_crosscorr = crosscorr[:64, :64].float().cpu()
-                    if first_crosscorr is None:
-                        first_crosscorr, first_crosscorr_step = last_crosscorr, step
-                    if is_main and (step % config.train.diag_every == 0 or step == plan.total_steps):
-                        record.update(diagnose(core, view1.float(), z1))  # bf16 views: the eval pass runs in fp32
-                    if is_main and monitor and monitor.due(step, plan.total_steps):
-                        record.update(monitor(core.backbone, device))
-                    if is_main:
-                        metrics.write(record)
-                        bar.set_postfix(loss=f"{record['loss']:.4g}", img_s=f"{record['images_per_s']:.0f}",
-                                        **(monitor.postfix() if monitor else {}))
-                    if gauges:
-                        gauges.update(record)
-                elif world == 1 and stop.raised:
-                    stopped_by_signal = True
-                if checkpoint_now or stopped_by_signal:
-                    save_checkpoint(step)
-                if stopped_by_signal:
-                    break
-    bar.close()
+                    log_now = step % config.train.log_every == 0 or step == plan.total_steps
+                    checkpoint_now = step % config.train.checkpoint_every == 0 or step == plan.total_steps
+                    if log_now or checkpoint_now:
+                        if bool(nonfinite):  # the one host sync, at logging points only
+                            raise UserError(
+                                f"the loss became non-finite at or before step {step} (lr {lr:.3g}); the last good "
+                                f"checkpoint is {checkpoint_path}: lower optim.lr_weights or check the data")
+                    if log_now:
+                        stopped_by_signal = any_rank(stop.raised, device, world)
+                        now = time.perf_counter()
+                        record = {
+                            "step": step, "epoch": epoch, "loss": float(loss),
+                            "on_diag": float(crosscorr.diagonal().mean()),
+                            "off_diag": float(off_diagonal(crosscorr).pow(2).mean().sqrt()),
+                            "lr": lr, "images_per_s": (step - last_log_step) * config.optim.batch_size / (now - last_log_time),
+                            "corrupt": counter.corrupt,
+                        }
+                        last_log_time, last_log_step = now, step
+                        last_crosscorr = crosscorr[:64, :64].float().cpu()
+                        if first_crosscorr is None:
+                            first_crosscorr, first_crosscorr_step = last_crosscorr, step
+                        if is_main and (step % config.train.diag_every == 0 or step == plan.total_steps):
+                            record.update(diagnose(core, view1.float(), z1))  # bf16 views: the eval pass runs in fp32
+                        if is_main and monitor and monitor.due(step, plan.total_steps):
+                            record.update(monitor(core.backbone, device))
+                        if is_main:
+                            metrics.write(record)
+                            bar.set_postfix(loss=f"{record['loss']:.4g}", img_s=f"{record['images_per_s']:.0f}",
+                                            **(monitor.postfix() if monitor else {}))
+                        if gauges:
+                            gauges.update(record)
+                    elif world == 1 and stop.raised:
+                        stopped_by_signal = True
+                    if checkpoint_now or stopped_by_signal:
+                        save_checkpoint(step)
+                    if stopped_by_signal:
+                        break
+    finally:
+        bar.close()  # before any error message, so the message is the last line
 
     if is_main:
         if last_crosscorr is not None:
