@@ -30,6 +30,7 @@ from pipeline.errors import UserError
 from pipeline.export import export_model
 from pipeline.preprocess import load_array
 from pipeline.serve import PROJECT_ROOT, free_port, start_server, wait_ready
+from serving.batching import bucket_for, bucket_sizes, pad_rows
 from serving.runtime import OnnxEncoder
 
 pytestmark = pytest.mark.slow
@@ -56,8 +57,9 @@ def model(tmp_path_factory):
 def server(model, tmp_path_factory):
     _, model_dir = model
     tmp = tmp_path_factory.mktemp("server")
+    # BARLOW_PAD_BATCHES=1: the GPU path (batches padded to bucket shapes) runs here on the CPU too.
     env = {**bentoml_env(tmp), "BARLOW_API_TOKEN": TOKEN, "BARLOW_MAX_IMAGES": str(MAX_IMAGES),
-           "BARLOW_MAX_PIXELS": str(MAX_PIXELS), "BARLOW_MAX_BATCH": "32"}
+           "BARLOW_MAX_PIXELS": str(MAX_PIXELS), "BARLOW_MAX_BATCH": "32", "BARLOW_PAD_BATCHES": "1"}
     running = start_server(model_dir, env=env, log_file=tmp / "server.log")
     yield running
     assert running.stop() == 0, running.log_tail()
@@ -255,6 +257,14 @@ def test_metrics_expose_the_barlow_families(client, model):
 
 def test_model_route_returns_model_json(client, model):
     assert client.get("/model").json() == json.loads((model[1] / "model.json").read_text())
+
+
+def test_batches_pad_to_the_next_bucket_shape():
+    assert bucket_sizes(64) == (1, 2, 4, 8, 16, 32, 64) and bucket_sizes(24) == (1, 2, 4, 8, 16, 24)
+    assert [bucket_for(n, bucket_sizes(24)) for n in (1, 3, 9, 17, 24, 30)] == [1, 4, 16, 24, 24, 30]
+    images = np.ones((3, 3, 2, 2), dtype=np.uint8)
+    padded = pad_rows(images, 4)
+    assert padded.shape == (4, 3, 2, 2) and (padded[:3] == 1).all() and (padded[3] == 0).all()
 
 
 @pytest.mark.gpu
