@@ -1,13 +1,19 @@
 """`barlow demo`: the whole flow on the embedded default, Fashion-MNIST, sized for a 2-core CPU.
 
-Shards the Debian package's training split, then runs a short `fmnist` pretraining. Every stage is
-the real command a user would run; the demo only chooses small sizes. Re-running skips finished stages
-(an existing RUN_DIR resumes).
+shards -> a short `fmnist` pretraining -> ONNX export -> batch-embed and index the test split -> one
+search -> `barlow serve` with /embed and /search, one image embedded over HTTP, then serving until
+Ctrl-C (`--no-serve` stops there, for scripts and tests). Every stage is the real command a user
+would run; the demo only chooses small sizes. Re-running skips finished stages (an existing RUN_DIR
+resumes; a finished one is kept).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import signal
+import urllib.request
+import uuid
 from pathlib import Path
 
 from pipeline import shards, train
@@ -16,29 +22,72 @@ from pipeline.presets import PRESETS
 
 log = logging.getLogger(__name__)
 
-# About 5 minutes of training on 2 CPU cores: enough for the loss to fall and C to sharpen.
+# A few minutes of training on 2 CPU cores: enough for the loss to fall and C to sharpen.
 DEMO_STEPS = 60
 DEMO_OVERRIDES = {"optim": {"batch_size": 64}, "train": {"log_every": 5, "diag_every": 20, "checkpoint_every": 20}}
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="folder for shards, RUN_DIR and later stages")
+    parser.add_argument("--out", default="runs/demo", help="folder for shards, RUN_DIR, MODEL_DIR, index")
     parser.add_argument("--steps", type=int, default=DEMO_STEPS, help="training steps")
+    parser.add_argument("--port", type=int, default=3000, help="port of the demo server")
+    parser.add_argument("--no-serve", action="store_true", help="stop after one request instead of serving")
 
 
-def run(args) -> int:
-    out = Path(args.out)
+def pretrain(out: Path, steps: int) -> Path:
     shard_dir = out / "shards" / "train"
     if not (shard_dir / "index.json").exists():
         log.info("writing Fashion-MNIST training shards to %s", shard_dir)
-        shards.write_shards("fashion-mnist:train", shard_dir)
+        shards.write_shards("fashion-mnist:train", shard_dir, overwrite=True)
     config = Config()
     apply(config, PRESETS["fmnist"])
     apply(config, DEMO_OVERRIDES)
     config.data.urls = str(shard_dir)
-    config.train.steps = args.steps
+    config.train.steps = steps
     run_dir = out / "run"
-    summary = train.train(config, run_dir)
-    print(f"RUN_DIR {run_dir}: step {summary['step']}, encoder {run_dir / 'encoder.pt'}, "
-          f"metrics {run_dir / 'metrics.jsonl'}, plots {run_dir / 'plots'}")
-    return 0
+    train.train(config, run_dir)
+    return run_dir
+
+
+def multipart(field: str, filename: str, data: bytes, content_type: str) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: {content_type}\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def run(args) -> int:
+    from pipeline.export import export_model, sha256_file
+    from pipeline.search import demo_query
+    from pipeline.serve import start_server
+
+    out = Path(args.out)
+    run_dir = pretrain(out, args.steps)
+
+    model_dir = out / "model"
+    model_json = model_dir / "model.json"
+    if not model_json.exists() or json.loads(model_json.read_text())["source"]["sha256"] != sha256_file(run_dir / "encoder.pt"):
+        info = export_model(run_dir, model_dir)
+        print(f"MODEL_DIR {model_dir}: {info['name']}, dim {info['dim']}, parity max abs diff "
+              f"{info['parity']['max_abs']:.2e}")
+    result = demo_query(model_dir, out / "search")
+    print(f"search: {result['summary']}")
+
+    server = start_server(model_dir, port=args.port, index_dir=out / "search" / "index")
+    try:
+        query = Path(result["query"]["path"])
+        body, content_type = multipart("images", query.name, query.read_bytes(), "image/jpeg")
+        request = urllib.request.Request(f"{server.url}/embed", data=body, headers={"Content-Type": content_type})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            embedding = json.loads(response.read())
+        print(f"POST {server.url}/embed -> model {embedding['model']}, dim {embedding['dim']}, "
+              f"first values {[round(v, 4) for v in embedding['embeddings'][0][:4]]}")
+        print(f"try it:\n  curl -F images=@{query} {server.url}/embed\n  curl -F images=@{query} -F k=5 {server.url}/search")
+        if args.no_serve:
+            return 0
+        print("serving until Ctrl-C")
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        return 0
+    finally:
+        code = server.stop()
+        log.info("server stopped (exit code %s)", code)
