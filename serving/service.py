@@ -30,6 +30,7 @@ from serving.drain import IdleDrain
 from serving.requests import (EmbedRequest, RequestError, check_body_size, check_token, header_pixels,
                               l2_normalize, parse_base64_json, parse_multipart, preprocess_all, read_body)
 from serving.runtime import OnnxEncoder, load_model_info
+from serving.search import open_index, search
 from serving.settings import batching_from_env, env_int, settings_from_env, usable_cpus
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ async def model(request: Request) -> JSONResponse:
 api = Starlette(routes=[
     Route("/embed", embed, methods=["POST"]),
     Route("/embed_base64", embed_base64, methods=["POST"]),
+    Route("/search", search, methods=["POST"]),
     Route("/model", model, methods=["GET"]),
 ])
 
@@ -108,7 +110,7 @@ api = Starlette(routes=[
 @bentoml.service(name="barlow-embed", workers=env_int("BARLOW_WORKERS", 1), traffic={"timeout": TIMEOUT_S})
 @bentoml.asgi_app(api, path="/")
 class Embedder:
-    """Public API: POST /embed, POST /embed_base64, GET /model; BentoML adds /readyz /livez /metrics."""
+    """Public API: POST /embed, POST /embed_base64, POST /search, GET /model; BentoML adds /readyz /livez /metrics."""
 
     encoder = bentoml.depends(Encoder)
 
@@ -118,6 +120,7 @@ class Embedder:
         self.name, self.dim, self.size = self.info["name"], int(self.info["dim"]), int(self.info["image_size"])
         Image.MAX_IMAGE_PIXELS = self.settings.max_pixels  # Pillow's own bomb guard agrees with ours
         self.decoders = anyio.CapacityLimiter(usable_cpus())  # decoding is CPU-bound: no more threads than CPUs
+        self.search_index = open_index(self.settings.index_dir, self.info)  # None: /search answers 404
         self.warm = False
         self.warm_lock = asyncio.Lock()
         metrics.MODEL_INFO.labels(self.name, self.info.get("onnx_sha256", ""), str(self.dim)).set(1)
