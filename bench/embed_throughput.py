@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,46 +34,21 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import RESULTS, commit, device_label, random_model  # noqa: E402  (also puts the repo on sys.path)
 
 from pipeline.runtime import usable_cpus  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MAX_PER_SHARD = 1000  # real buckets have many shards; small runs get at least two per decode worker
 DISTINCT_JPEGS = 256  # distinct photos, repeated under new keys: decoding costs the same, generating less
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("BARLOW_COMMIT", "unknown")
 
 
 def device_name(providers: list[str]) -> str:
     """What ran the model: the GPU's name when a GPU provider did, else cpu-<N>core."""
-    if providers and providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
-        import torch
-
-        return torch.cuda.get_device_name(0).replace(" ", "-")
-    return f"cpu-{usable_cpus()}core"
+    return device_label(bool(providers) and providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider"))
 
 
-def random_model(out: Path, arch: str, image_size: int) -> Path:
-    """Export a randomly initialised encoder: speed does not depend on the weights."""
-    from pipeline.checkpoint import save_encoder
-    from pipeline.config import Config
-    from pipeline.export import export_model
-    from pipeline.model import build_encoder
-    from pipeline.presets import PRESETS
-
-    config = Config.from_dict(PRESETS["fmnist" if image_size <= 64 else "imagenet"])
-    config.model.arch, config.views.image_size = arch, image_size
-    backbone, _ = build_encoder(arch, config.model.small_stem)
-    save_encoder(out / "run" / "encoder.pt", backbone, config, step=0)
-    export_model(out / "run", out / "model")
-    return out / "model"
 
 
 def photo_jpegs(count: int, width: int, height: int) -> list[bytes]:

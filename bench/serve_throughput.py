@@ -18,7 +18,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,45 +26,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import RESULTS, commit, device_label, random_model  # noqa: E402  (also puts the repo on sys.path)
 
 from pipeline.serve import start_server  # noqa: E402
 from serving.runtime import OnnxEncoder, gpu_available  # noqa: E402
-from serving.settings import usable_cpus  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from pipeline.runtime import usable_cpus  # noqa: E402
 
 
-def device_name() -> str:
-    if gpu_available():
-        import torch
-
-        return torch.cuda.get_device_name(0).replace(" ", "-")
-    return f"cpu-{usable_cpus()}core"
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("BARLOW_COMMIT", "unknown")
 
 
-def random_model(out: Path, arch: str, image_size: int) -> Path:
-    """Export a randomly initialised encoder: speed does not depend on the weights."""
-    from pipeline.checkpoint import save_encoder
-    from pipeline.config import Config
-    from pipeline.export import export_model
-    from pipeline.model import build_encoder
-    from pipeline.presets import PRESETS
 
-    config = Config.from_dict(PRESETS["fmnist" if image_size <= 64 else "imagenet"])
-    config.model.arch, config.views.image_size = arch, image_size
-    backbone, _ = build_encoder(arch, config.model.small_stem)
-    save_encoder(out / "run" / "encoder.pt", backbone, config, step=0)
-    export_model(out / "run", out / "model")
-    return out / "model"
 
 
 def jpegs(count: int, image_size: int) -> list[bytes]:
@@ -214,7 +186,7 @@ def main() -> int:
             if args.log:
                 shutil.copy(server.log_path, args.log)
 
-    device = device_name()
+    device = device_label(gpu_available())
     record = {
         "device": device,
         "commit": commit(),

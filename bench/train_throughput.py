@@ -20,7 +20,6 @@ import io
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import RESULTS, commit, device_label  # noqa: E402  (also puts the repo on sys.path)
 
 from pipeline import gpu_views, stream  # noqa: E402
 from pipeline.config import Config, apply  # noqa: E402
@@ -40,21 +39,10 @@ from pipeline.presets import PRESETS  # noqa: E402
 from pipeline.train import training_step  # noqa: E402
 from pipeline.views import TwoViews  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device).replace(" ", "-")
-    return f"cpu-{os.cpu_count()}core"
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("BARLOW_COMMIT", "unknown")
 
 
 def source_photos() -> list[np.ndarray]:
@@ -208,7 +196,7 @@ def main() -> None:
           f"(data wait {100 * gpu_wait:.0f} % of the time)")
     print(f"ratio c/a: {gpu_pairs / synthetic_pairs:.2f}, c/b: {gpu_pairs / cpu_pairs:.2f}")
 
-    name = device_name(device)
+    name = device_label(device.type == "cuda")
     record = {
         "device": name, "commit": commit(), "date": datetime.date.today().isoformat(),
         "torch": torch.__version__, "python": platform.python_version(),

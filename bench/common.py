@@ -1,0 +1,51 @@
+"""What every benchmark records: where it ran (device label, commit) and a random model to time.
+
+Benchmarks run as scripts (`python bench/NAME.py`), so this module is imported by its plain name.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results"
+
+
+def commit() -> str:
+    """The short commit of the checkout; BARLOW_COMMIT where .git is absent (a copied tree on a GPU box)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("BARLOW_COMMIT", "unknown")
+
+
+def device_label(on_gpu: bool) -> str:
+    """The GPU's name (spaces as dashes) when the model ran on one, else cpu-<usable cores>core."""
+    if on_gpu:
+        import torch
+
+        return torch.cuda.get_device_name(0).replace(" ", "-")
+    from pipeline.runtime import usable_cpus
+
+    return f"cpu-{usable_cpus()}core"
+
+
+def random_model(out: Path, arch: str, image_size: int) -> Path:
+    """Export a randomly initialised encoder to out/model: speed does not depend on the weights."""
+    from pipeline.checkpoint import save_encoder
+    from pipeline.config import Config
+    from pipeline.export import export_model
+    from pipeline.model import build_encoder
+    from pipeline.presets import PRESETS
+
+    config = Config.from_dict(PRESETS["fmnist" if image_size <= 64 else "imagenet"])
+    config.model.arch, config.views.image_size = arch, image_size
+    backbone, _ = build_encoder(arch, config.model.small_stem)
+    save_encoder(out / "run" / "encoder.pt", backbone, config, step=0)
+    export_model(out / "run", out / "model")
+    return out / "model"
