@@ -24,7 +24,6 @@ from starlette.responses import JSONResponse
 
 from pipeline.preprocess import FORMATS, BadImage, load_array
 
-MULTIPART_FIELDS = ("images", "normalize")
 JSON_FIELDS = ("images", "normalize")
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
@@ -77,12 +76,14 @@ def check_count(count: int, max_images: int) -> None:
         raise RequestError(413, "too_many_images", f"the request has {count} images, more than the limit of {max_images}")
 
 
-async def parse_multipart(request: Request, max_images: int) -> EmbedRequest:
-    """`images` file parts (one per image) and an optional `normalize` field or query parameter."""
+async def read_image_parts(request: Request, max_images: int, option: str, default: object,
+                           example: str) -> tuple[list[bytes], object]:
+    """The `images` file parts (one per image) and the value of one optional text field `option`
+    (form field or query parameter), with every malformed-request case answered by a RequestError."""
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise RequestError(415, "bad_content_type", "send multipart/form-data with one `images` file part per "
-                           "image (curl -F images=@photo.jpg), or JSON to /embed_base64")
+                           f"image ({example})")
     try:
         # One spare file slot so that max_images + 1 files is reported as our 413, not a parser error.
         form = await request.form(max_files=max_images + 1, max_fields=8)
@@ -92,10 +93,10 @@ async def parse_multipart(request: Request, max_images: int) -> EmbedRequest:
             raise RequestError(413, "too_many_images", f"the request has more than {max_images} images") from None
         raise RequestError(400, "bad_multipart", f"the multipart body is malformed ({str(detail)[:120]})") from None
     try:
-        unknown = sorted(set(form.keys()) - set(MULTIPART_FIELDS))
+        unknown = sorted(set(form.keys()) - {"images", option})
         if unknown:
             raise RequestError(422, "bad_field", f"unknown field {unknown[0]!r}; send images as `images` file parts "
-                               "and optionally `normalize`")
+                               f"and optionally `{option}`")
         images = []
         for index, part in enumerate(form.getlist("images")):
             if not isinstance(part, UploadFile):
@@ -103,12 +104,19 @@ async def parse_multipart(request: Request, max_images: int) -> EmbedRequest:
                                    "not text fields", index)
             images.append(await part.read())
         check_count(len(images), max_images)
-        normalize = form.get("normalize", request.query_params.get("normalize", True))
-        if isinstance(normalize, UploadFile):
-            raise RequestError(422, "bad_field", "normalize must be a text field, true or false")
-        return EmbedRequest(images, parse_bool(normalize))
+        value = form.get(option, request.query_params.get(option, default))
+        if isinstance(value, UploadFile):
+            raise RequestError(422, "bad_field", f"{option} must be a text field, not a file")
+        return images, value
     finally:
         await form.close()
+
+
+async def parse_multipart(request: Request, max_images: int) -> EmbedRequest:
+    """/embed: `images` file parts and an optional `normalize` (true/false, default true)."""
+    images, normalize = await read_image_parts(request, max_images, "normalize", True,
+                                               "curl -F images=@photo.jpg), or JSON to /embed_base64")
+    return EmbedRequest(images, parse_bool(normalize))
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:

@@ -20,17 +20,15 @@ from typing import Any
 
 import numpy as np
 from prometheus_client import Counter, Histogram
-from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from pipeline.runtime import l2_normalize
 from pipeline.search import DEFAULT_K, MAX_K, SearchIndex
-from serving.requests import RequestError, check_count, preprocess_all
+from serving.requests import RequestError, preprocess_all, read_image_parts
 
 logger = logging.getLogger(__name__)
 
-SEARCH_FIELDS = ("images", "k")
 SEARCH_QUERIES = Counter("barlow_search_queries", "Images searched for in the index")
 SEARCH_SECONDS = Histogram("barlow_search_seconds", "faiss time for the images of one /search request",
                            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
@@ -64,37 +62,9 @@ def parse_k(value: object) -> int:
 
 
 async def parse_search(request: Request, max_images: int) -> tuple[list[bytes], int]:
-    """`images` file parts (one per query image) and an optional `k` field or query parameter."""
-    content_type = request.headers.get("content-type", "")
-    if not content_type.startswith("multipart/form-data"):
-        raise RequestError(415, "bad_content_type", "send multipart/form-data with one `images` file part per "
-                           "image (curl -F images=@photo.jpg -F k=10)")
-    try:
-        # One spare file slot so that max_images + 1 files is reported as our 413, not a parser error.
-        form = await request.form(max_files=max_images + 1, max_fields=8)
-    except Exception as exc:  # starlette raises HTTPException or MultiPartException for malformed bodies
-        detail = getattr(exc, "detail", None) or getattr(exc, "message", None) or str(exc)
-        if "Too many files" in str(detail):
-            raise RequestError(413, "too_many_images", f"the request has more than {max_images} images") from None
-        raise RequestError(400, "bad_multipart", f"the multipart body is malformed ({str(detail)[:120]})") from None
-    try:
-        unknown = sorted(set(form.keys()) - set(SEARCH_FIELDS))
-        if unknown:
-            raise RequestError(422, "bad_field", f"unknown field {unknown[0]!r}; send images as `images` file parts "
-                               "and optionally `k`")
-        images = []
-        for index, part in enumerate(form.getlist("images")):
-            if not isinstance(part, UploadFile):
-                raise RequestError(422, "bad_field", "`images` must be file parts (curl -F images=@photo.jpg), "
-                                   "not text fields", index)
-            images.append(await part.read())
-        check_count(len(images), max_images)
-        k = form.get("k", request.query_params.get("k", DEFAULT_K))
-        if isinstance(k, UploadFile):
-            raise RequestError(422, "bad_field", "k must be a text field, an integer from 1 to 1000")
-        return images, parse_k(k)
-    finally:
-        await form.close()
+    """/search: `images` file parts (one per query image) and an optional `k` field or query parameter."""
+    images, k = await read_image_parts(request, max_images, "k", DEFAULT_K, "curl -F images=@photo.jpg -F k=10)")
+    return images, parse_k(k)
 
 
 def search_payload(index: SearchIndex, embeddings: np.ndarray, k: int, model_name: str) -> dict[str, Any]:
