@@ -88,7 +88,8 @@ def unique_stems(urls: list[str]) -> list[str]:
     """Stems, with a short hash of the URL added where two URLs share one (train/ and test/ shards)."""
     stems = [shard_stem(u) for u in urls]
     clashes = {s for s in stems if stems.count(s) > 1}
-    return [f"{s}-{hashlib.sha1(u.encode()).hexdigest()[:8]}" if s in clashes else s for s, u in zip(stems, urls)]
+    return [f"{s}-{hashlib.sha1(u.encode(), usedforsecurity=False).hexdigest()[:8]}" if s in clashes else s
+            for s, u in zip(stems, urls)]  # sha1 names a file here; it protects nothing
 
 
 def _image_key(relative: Path, used: set[str]) -> str:
