@@ -81,14 +81,16 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, final_fra
 
 
 def set_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int, warmup_steps: int,
-           final_fraction: float) -> None:
-    """Set every group's lr from its own `peak_lr` (weights and biases have separate peaks)."""
+           final_fraction: float) -> float:
+    """Set every group's lr from its own `peak_lr` (weights and biases have separate peaks); return the
+    weights' lr, for logging."""
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, total_steps, warmup_steps, group["peak_lr"], final_fraction)
+    return optimizer.param_groups[0]["lr"]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[LARS, Callable[[int, int, int], float]]:
-    """LARS over `model` and `schedule(step, total_steps, steps_per_epoch) -> weights lr`, to call every step.
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> LARS:
+    """LARS over `model`; call `set_lr` every step for the warm-up + cosine schedule.
 
     Peaks are `lr * batch_size / 256` (the paper's scaling), stored in the groups so that they travel
     with the optimizer's state_dict.
@@ -97,11 +99,4 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[LARS, Callable[
     scale = cfg.batch_size / 256
     groups[0]["peak_lr"] = cfg.lr_weights * scale
     groups[1]["peak_lr"] = cfg.lr_biases * scale
-    optimizer = LARS(groups, lr=0.0, momentum=cfg.momentum, eta=cfg.eta)
-
-    def schedule(step: int, total_steps: int, steps_per_epoch: int) -> float:
-        warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-        set_lr(optimizer, step, total_steps, warmup_steps, cfg.final_lr_fraction)
-        return optimizer.param_groups[0]["lr"]
-
-    return optimizer, schedule
+    return LARS(groups, lr=0.0, momentum=cfg.momentum, eta=cfg.eta)

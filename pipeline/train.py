@@ -215,8 +215,11 @@ def train(config: Config, run_dir: Path, monitor=None) -> dict[str, Any]:
     model: nn.Module = BarlowTwins(config.model.arch, config.model.small_stem, config.model.projector)
     if world > 1:
         model = distributed.convert_batchnorm(model)
-    model.to(device, memory_format=torch.channels_last if on_cuda else torch.preserve_format)
-    optimizer, _ = build_optimizer(model, config.optim)
+    memory_format = torch.channels_last if on_cuda else torch.preserve_format
+    model.to(device, memory_format=memory_format)
+    if on_cuda and not config.train.deterministic:
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest conv algorithms once
+    optimizer = build_optimizer(model, config.optim)
 
     step, first_crosscorr, first_crosscorr_step = 0, None, 0
     if checkpoint_path.exists():
@@ -245,9 +248,9 @@ def train(config: Config, run_dir: Path, monitor=None) -> dict[str, Any]:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None)
     if config.train.compile:
         core.backbone.compile()
-    transform = TwoViews(config.views)
-    device_views = gpu_views.GpuTwoViews(config.views, torch.bfloat16 if bf16 else torch.float32,
-                                         compile=config.train.compile)
+    transform = TwoViews(config.views) if data_path == "cpu" else None
+    device_views = None if data_path == "cpu" else gpu_views.GpuTwoViews(
+        config.views, torch.bfloat16 if bf16 else torch.float32, compile=config.train.compile)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     def save_checkpoint(at_step: int) -> None:
@@ -277,7 +280,7 @@ def train(config: Config, run_dir: Path, monitor=None) -> dict[str, Any]:
                 epoch, start = divmod(step, plan.steps_per_epoch)
                 steps_this_epoch = min(plan.steps_per_epoch, plan.total_steps - epoch * plan.steps_per_epoch)
                 batches = stream.train_loader(
-                    urls, transform=transform if data_path == "cpu" else None, per_rank_batch=plan.per_rank_batch,
+                    urls, transform=transform, per_rank_batch=plan.per_rank_batch,
                     steps=steps_this_epoch,
                     start_step=start, epoch=epoch, seed=config.train.seed, rank=rank, world_size=world,
                     workers=config.data.workers, shuffle_buffer=config.data.shuffle_buffer,
@@ -288,10 +291,9 @@ def train(config: Config, run_dir: Path, monitor=None) -> dict[str, Any]:
                 for view1, view2, n_seen, n_corrupt in batches:
                     counter.add(n_seen, n_corrupt)
                     counter.check(config.data.max_corrupt_fraction)
-                    view1 = view1.to(device, non_blocking=True, memory_format=torch.channels_last if on_cuda else torch.preserve_format)
-                    view2 = view2.to(device, non_blocking=True, memory_format=torch.channels_last if on_cuda else torch.preserve_format)
-                    set_lr(optimizer, step, plan.total_steps, plan.warmup_steps, config.optim.final_lr_fraction)
-                    lr = optimizer.param_groups[0]["lr"]
+                    view1 = view1.to(device, non_blocking=True, memory_format=memory_format)
+                    view2 = view2.to(device, non_blocking=True, memory_format=memory_format)
+                    lr = set_lr(optimizer, step, plan.total_steps, plan.warmup_steps, config.optim.final_lr_fraction)
                     loss, crosscorr, z1 = training_step(model, optimizer, view1, view2, config.model.lambd, autocast)
                     nonfinite |= ~torch.isfinite(loss)
                     step += 1

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pipeline.config import OptimConfig
-from pipeline.optim import LARS, build_optimizer, lr_at, param_groups
+from pipeline.optim import LARS, build_optimizer, lr_at, param_groups, set_lr
 
 
 def two_param_lars(weight_decay=0.1, momentum=0.9, eta=0.001, lr=(0.5, 0.1)):
@@ -124,15 +124,15 @@ def test_build_optimizer_scales_peaks_by_batch_and_sets_every_group():
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2, bias=False))
     cfg = OptimConfig(batch_size=512, lr_weights=0.2, lr_biases=0.0048, weight_decay=1e-6,
                       momentum=0.9, eta=0.001, warmup_epochs=2, final_lr_fraction=0.001)
-    optimizer, schedule = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg)
     assert isinstance(optimizer, LARS)
-    steps_per_epoch, total = 10, 100
-    assert schedule(0, total, steps_per_epoch) == 0.0
-    lr = schedule(20, total, steps_per_epoch)  # end of warm-up: the peaks, times 512 / 256
+    total, warmup = 100, round(cfg.warmup_epochs * 10)  # 10 steps per epoch
+    assert set_lr(optimizer, 0, total, warmup, cfg.final_lr_fraction) == 0.0
+    lr = set_lr(optimizer, 20, total, warmup, cfg.final_lr_fraction)  # end of warm-up: the peaks, times 512 / 256
     weights, biases = optimizer.param_groups
     assert lr == weights["lr"] == pytest.approx(0.4)
     assert biases["lr"] == pytest.approx(0.0096)
-    schedule(total, total, steps_per_epoch)
+    set_lr(optimizer, total, total, warmup, cfg.final_lr_fraction)
     assert weights["lr"] == pytest.approx(0.4 * 0.001) and biases["lr"] == pytest.approx(0.0096 * 0.001)
     assert weights["momentum"] == 0.9 and weights["eta"] == 0.001 and weights["weight_decay"] == 1e-6
 
@@ -145,9 +145,9 @@ def test_lars_cuda_step_equals_cpu_step():
     results = []
     for device in ("cpu", "cuda"):
         replica = copy.deepcopy(model).to(device)
-        optimizer, schedule = build_optimizer(replica, OptimConfig(batch_size=256, warmup_epochs=0))
+        optimizer = build_optimizer(replica, OptimConfig(batch_size=256, warmup_epochs=0))
         for step in range(3):
-            schedule(step, 10, 10)
+            set_lr(optimizer, step, 10, 0, 0.001)
             batch = torch.randn(8, 16, generator=torch.Generator().manual_seed(step)).to(device)
             replica(batch).square().mean().backward()
             optimizer.step()
