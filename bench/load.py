@@ -1,0 +1,177 @@
+"""Load and soak a real `barlow serve` on 127.0.0.1: throughput, latency tails, errors, server RSS.
+
+For each level C in --clients and each request shape (1 image, --multi images), C concurrent
+clients post to /embed for --seconds after a short warm-up: requests sent, throughput, p50/p95/p99
+latency of every request, errors by status (or exception), and the RSS of the whole server process
+tree before and after. --soak N then sends N single-image requests from --soak-clients clients and
+reports RSS growth after a warm-up (the first 10 %) and the count of 5xx. The server runs with the
+service defaults (BARLOW_* unset). Merges "load" and "soak" into bench/results/reliability-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from common import RESULTS, commit, device_label, random_model  # noqa: E402  (puts the repo on sys.path)
+from fuzz import merge_record  # noqa: E402
+from serve_throughput import jpegs  # noqa: E402
+from pipeline.serve import start_server  # noqa: E402
+
+
+def server_rss_mb(pid: int) -> float:
+    """RSS of the server and all its children (BentoML's manager plus one process per service)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            total += process.memory_info().rss
+        except psutil.NoSuchProcess:  # a worker that exits between listing and reading
+            pass
+    return round(total / 2**20, 1)
+
+
+def summary(latencies: list[float], statuses: Counter, seconds: float, images: int) -> dict:
+    """The figures of one measurement; latencies in seconds, of every request (errors included)."""
+    ms = np.array(latencies) * 1000 if latencies else np.zeros(1)
+    sent, ok = sum(statuses.values()), statuses.get("200", 0)
+    return {"requests_sent": sent, "ok": ok, "errors_by_status": {k: v for k, v in sorted(statuses.items()) if k != "200"},
+            "throughput_rps": round(ok / seconds, 1), "images_per_s": round(ok * images / seconds, 1),
+            "p50_ms": round(float(np.percentile(ms, 50)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1),
+            "p99_ms": round(float(np.percentile(ms, 99)), 1), "max_ms": round(float(ms.max()), 1),
+            "seconds": round(seconds, 1)}
+
+
+async def post(http, blobs: list[bytes]) -> str:
+    import httpx
+
+    files = [("images", (f"{i}.jpg", blob, "image/jpeg")) for i, blob in enumerate(blobs)]
+    try:
+        return str((await http.post("/embed", files=files)).status_code)
+    except httpx.HTTPError as exc:  # timeouts, refused or dropped connections count as errors too
+        return type(exc).__name__
+
+
+def client_pool(url: str, clients: int):
+    import httpx
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    return httpx.AsyncClient(base_url=url, timeout=120, limits=limits)
+
+
+async def level(url: str, blobs: list[bytes], clients: int, images: int, warmup: float, seconds: float) -> dict:
+    """C clients in closed loops for warm-up + seconds; requests started in the window are measured."""
+    latencies, statuses = [], Counter()
+    begin = time.perf_counter()
+    measure_from, measure_to = begin + warmup, begin + warmup + seconds
+
+    async def client(index: int, http) -> None:
+        n = index
+        while (start := time.perf_counter()) < measure_to:
+            status = await post(http, [blobs[(n + i) % len(blobs)] for i in range(images)])
+            n += clients
+            if start >= measure_from:
+                latencies.append(time.perf_counter() - start)
+                statuses[status] += 1
+
+    async with client_pool(url, clients) as http:
+        await asyncio.gather(*(client(i, http) for i in range(clients)))
+    return summary(latencies, statuses, time.perf_counter() - measure_from, images)
+
+
+async def soak(url: str, pid: int, blobs: list[bytes], clients: int, total: int) -> dict:
+    """`total` single-image requests; RSS sampled every 5 % of them, growth measured from the 10 % mark."""
+    latencies, statuses, rss = [], Counter(), {0: server_rss_mb(pid)}
+    step = max(total // 20, 1)
+    sent = 0
+
+    async def client(http) -> None:
+        nonlocal sent
+        while sent < total:
+            sent += 1
+            number = sent
+            start = time.perf_counter()
+            statuses[await post(http, [blobs[number % len(blobs)]])] += 1
+            latencies.append(time.perf_counter() - start)
+            if number % step == 0:
+                rss[number] = server_rss_mb(pid)
+
+    begin = time.perf_counter()
+    async with client_pool(url, clients) as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    result = summary(latencies, statuses, time.perf_counter() - begin, 1)
+    rss[total] = server_rss_mb(pid)
+    warm = rss[min(k for k in rss if k >= total // 10)]
+    server_errors = sum(v for k, v in statuses.items() if k.isdigit() and int(k) >= 500)
+    return {**result, "clients": clients, "rss_mb_by_requests": {str(k): v for k, v in sorted(rss.items())},
+            "rss_after_warmup_mb": warm, "rss_end_mb": rss[total],
+            "rss_growth_after_warmup_pct": round((rss[total] - warm) / warm * 100, 2), "server_5xx": server_errors}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, nargs="+", default=[8, 32, 128], help="levels C (default 8 32 128)")
+    parser.add_argument("--multi", type=int, default=8, help="images per multi-image request (default %(default)s)")
+    parser.add_argument("--seconds", type=float, default=30, help="T per level (default %(default)s)")
+    parser.add_argument("--warmup", type=float, default=3, help="per level, not measured (default %(default)s)")
+    parser.add_argument("--soak", type=int, default=0, help="soak requests after the levels (0: none; issue: 20000)")
+    parser.add_argument("--soak-clients", type=int, default=32, help="clients of the soak (default %(default)s)")
+    parser.add_argument("--model-dir", type=Path, help="an exported MODEL_DIR (default: export a random one)")
+    parser.add_argument("--arch", default="resnet18", help="for the random model (default %(default)s)")
+    parser.add_argument("--image-size", type=int, default=32, help="for the random model (default %(default)s)")
+    parser.add_argument("--note", default="", help="a remark stored in the record (e.g. 'machine shared')")
+    parser.add_argument("--log", type=Path, help="keep the server's log here")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON record")
+    args = parser.parse_args()
+
+    blobs = jpegs(64, args.image_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model_dir or random_model(Path(tmp), args.arch, args.image_size)
+        env = {"BENTOML_HOME": str(Path(tmp) / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+        server = start_server(model_dir, env=env, log_file=args.log or Path(tmp) / "server.log")
+        try:
+            pid = server.process.pid
+            rss_start = server_rss_mb(pid)
+            levels = []
+            for clients in args.clients:
+                for images in (1, args.multi):
+                    before = server_rss_mb(pid)
+                    result = asyncio.run(level(server.url, blobs, clients, images, args.warmup, args.seconds))
+                    levels.append({"clients": clients, "images_per_request": images, **result,
+                                   "rss_start_mb": before, "rss_end_mb": server_rss_mb(pid)})
+                    print(json.dumps(levels[-1]), flush=True)
+            soaked = asyncio.run(soak(server.url, pid, blobs, args.soak_clients, args.soak)) if args.soak else None
+            alive = server.process.poll() is None
+            rss_end = server_rss_mb(pid) if alive else None
+        finally:
+            exit_code = server.stop()
+    where = {"device": device_label(False), "commit": commit(), "cpus": os.cpu_count(),
+             "load_average_1m_at_end": round(os.getloadavg()[0], 1),
+             "model": {"arch": args.arch, "image_size": args.image_size},
+             "server": "barlow serve on 127.0.0.1, service defaults, clients in one asyncio process on the same machine",
+             "note": args.note, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    record_path = args.out / f"reliability-{datetime.date.today().isoformat()}.json"
+    merge_record(record_path, "load", {**where, "seconds_per_level": args.seconds, "levels": levels,
+                                       "server_rss_start_mb": rss_start, "server_rss_end_mb": rss_end,
+                                       "server_alive_at_end": alive, "server_exit": exit_code})
+    if soaked:
+        merge_record(record_path, "soak", {**where, **soaked})
+        print(json.dumps(soaked), flush=True)
+    server_errors = sum(v for lv in levels for k, v in lv["errors_by_status"].items() if k.isdigit() and int(k) >= 500)
+    return 0 if alive and server_errors == 0 and (not soaked or soaked["server_5xx"] == 0) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
