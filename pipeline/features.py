@@ -156,6 +156,8 @@ def open_model(path: str | Path, device: torch.device) -> Model:
 
 
 class Tally:
+    """Samples read from a SRC, and how many of them were corrupt or had no label."""
+
     def __init__(self) -> None:
         self.seen = self.corrupt = self.unlabelled = 0
 
@@ -169,7 +171,7 @@ def iter_labelled(src: str, size: int, tally: Tally, limit: int | None = None) -
         for pixels, label in zip(images[:limit], labels[:limit]):
             tally.seen += 1
             # A decoded grayscale image, exactly what the PNG in a shard decodes to.
-            yield image_to_array(Image.fromarray(pixels, "L"), size), int(label)
+            yield image_to_array(Image.fromarray(pixels), size), int(label)  # uint8 [28, 28]: mode L
         return
     counter = stream.CorruptCounter()
     produced = 0
