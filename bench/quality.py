@@ -151,6 +151,7 @@ def main() -> int:
         calibration = {"steps": probe_steps, "steps_per_s": round(steps_per_s, 3)}
         log.info("calibration: %.2f steps/s -> %d steps for %.1f minutes", steps_per_s, config.train.steps, args.minutes)
 
+    code = {"commit": commit(), "source_sha256": source_digest()}  # before the run: HEAD may move meanwhile
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir, model_dir = work / f"run-{stamp}", work / f"model-{stamp}"
     started = time.perf_counter()
@@ -175,8 +176,7 @@ def main() -> int:
 
     record = {
         "device": device_name(device),
-        "commit": commit(),
-        "source_sha256": source_digest(),
+        **code,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "epochs": round(summary["step"] / plan.steps_per_epoch, 3),
         "steps": summary["step"],
