@@ -90,25 +90,6 @@ class TorchEncoder:
         return self.module(batch).float().cpu().numpy()
 
 
-class OnnxEncoder:
-    """`model.onnx` under ONNX Runtime: the CUDA provider when torch sees a GPU and ORT has it, else CPU."""
-
-    def __init__(self, path: Path):
-        import onnxruntime as ort  # after torch: onnxruntime-gpu finds CUDA/cuDNN through torch's libraries
-
-        providers = ["CPUExecutionProvider"]
-        if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        try:
-            self.session = ort.InferenceSession(str(path), providers=providers)
-        except Exception as exc:  # ORT raises its own exception types for unreadable models
-            raise UserError(f"{path} is not a loadable ONNX model: {str(exc).splitlines()[0][:200]}") from None
-        self.provider = self.session.get_providers()[0]
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        return self.session.run(["embedding"], {"images": np.ascontiguousarray(images)})[0]
-
-
 def raw_pixels(images: np.ndarray) -> np.ndarray:
     """The raw-pixel baseline: the preprocessed image itself (area-downsampled to 32 px), scaled to 0-1."""
     tensor = torch.from_numpy(images).float() / 255
@@ -137,9 +118,11 @@ def open_model(path: str | Path, device: torch.device) -> Model:
             mean, std = tuple(info["mean"]), tuple(info["std"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise UserError(f"{path / 'model.json'} is missing or unreadable ({exc}); re-run barlow export") from None
-        encoder = OnnxEncoder(path / "model.onnx")
+        from pipeline.runtime import OnnxEncoder
+
+        encoder = OnnxEncoder(path, device="cuda" if device.type == "cuda" else "cpu")
         return Model(encoder, size, model_config["arch"], bool(model_config["small_stem"]), mean, std, "onnx",
-                     str(path), {"provider": encoder.provider, "name": info.get("name")})
+                     str(path), {"provider": encoder.providers[0], "name": info.get("name")})
     checkpoint = path / "encoder.pt" if path.is_dir() else path
     if not checkpoint.is_file():
         raise UserError(f"{path} is neither a MODEL_DIR (model.onnx) nor a RUN_DIR (encoder.pt) nor an encoder.pt")

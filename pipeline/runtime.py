@@ -101,7 +101,11 @@ class OnnxEncoder:
         options.inter_op_num_threads = 1
         # Spinning threads would steal the CPU that request handlers and decode workers need.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(Path(model_dir) / "model.onnx"), options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(Path(model_dir) / "model.onnx"), options, providers=providers)
+        except Exception as exc:  # ORT raises its own exception types for unreadable models
+            raise UserError(f"{Path(model_dir) / 'model.onnx'} is not a loadable ONNX model: "
+                            f"{str(exc).splitlines()[0][:200]}") from None
         self.providers = self.session.get_providers()
         wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
         if self.providers[0] != wanted:

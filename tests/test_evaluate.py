@@ -18,6 +18,7 @@ from PIL import Image
 from helpers_serving import make_run_dir
 from pipeline import features as feats
 from pipeline.errors import UserError
+from pipeline.runtime import MODEL_FORMAT
 from pipeline.evaluate import KnnMonitor, evaluate, knn, knn_scores, linear_probe, topk_accuracy
 
 
@@ -214,7 +215,8 @@ def test_cli_eval_rejects_bad_input_with_one_sentence(tiny_run, tmp_path, args, 
     bad_model = tmp_path / "model"
     bad_model.mkdir()
     (bad_model / "model.onnx").write_bytes(b"not a protobuf")
-    (bad_model / "model.json").write_text(json.dumps({"config": {"model": {"arch": "resnet18", "small_stem": True}},
+    (bad_model / "model.json").write_text(json.dumps({"format": MODEL_FORMAT, "name": "bad", "dim": 512,
+                                                      "config": {"model": {"arch": "resnet18", "small_stem": True}},
                                                       "image_size": 16, "mean": [0.5] * 3, "std": [0.5] * 3}))
     filled = [a.format(missing=tmp_path / "missing", run=tiny_run, unlabelled=unlabelled, bad_model=bad_model)
               for a in args]
