@@ -31,10 +31,10 @@ from torch import nn
 from pipeline.checkpoint import load_encoder
 from pipeline.errors import UserError
 from pipeline.preprocess import image_to_array, load_array
+from pipeline.runtime import MODEL_FORMAT  # the writer and the reader share one format tag
 
 logger = logging.getLogger(__name__)
 
-MODEL_FORMAT = "barlow-embed/model/1"
 INPUT_NAME, OUTPUT_NAME = "images", "embedding"
 DEFAULT_TOLERANCE = 1e-4  # max |onnx - torch| / max |torch|; seen: ~1e-7 (resnet18), ~4e-7 (resnet50)
 PARITY_BATCHES = (1, 8)
