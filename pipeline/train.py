@@ -143,10 +143,21 @@ def pick_data_path(config: Config, device: torch.device) -> str:
 
 
 def init_distributed(device: torch.device) -> None:
+    """Join the process group torchrun describes (env://), in a store namespace of this restart attempt.
+
+    torchrun's agent keeps one TCPStore for all restarts of the group (--max-restarts), and the process
+    group's keys (each rank's address) carry no attempt number: a restarted rank can read the address of
+    a rank from the previous attempt, which is dead, and fail to connect ("Connection refused") until the
+    restarts run out. The attempt prefix gives every restart fresh keys.
+    """
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.distributed.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        store, rank, world_size = next(torch.distributed.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = torch.distributed.PrefixStore(f"barlow/attempt_{attempt}", store)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store,
+                                             rank=rank, world_size=world_size)
 
 
 class StopFlag:
