@@ -190,8 +190,13 @@ def _shard_samples(url: str, counter: CorruptCounter) -> Iterator[dict]:
         return True  # skip what cannot be read, keep going
 
     samples = tarfile_samples([{"url": url}], handler=handler)
+    errors = counter.shard_errors
     try:
-        yield from samples
+        for sample in samples:
+            if counter.shard_errors != errors:  # the shard broke off (truncated, vanished) while this sample was
+                errors = counter.shard_errors   # being read: it may lack its image or its label; drop it
+                continue
+            yield sample
     finally:
         samples.close()  # stops a pipe: subprocess when the caller stops early
 
