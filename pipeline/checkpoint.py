@@ -27,8 +27,16 @@ TRAINING_FORMAT = "barlow-embed/training/1"
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
+    """Write `obj` to `path` via a temp file and a rename. A write the disk refuses (full, quota, file-size
+    limit) is one sentence and leaves the previous file in place.
+
+    Temp files of an earlier save killed midway (kill -9, OOM) are removed first: each path has one writer,
+    so they are never in use, and a job preempted again and again must not fill its disk with them.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as file:
@@ -36,9 +44,22 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        refused = _os_error(exc)
+        if refused is not None:
+            raise UserError(f"cannot write {path}: {refused.strerror or refused}; the previous {path.name} "
+                            "(if any) is kept") from None
         raise
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind `exc`: torch.save reports a failed write as a RuntimeError raised while handling it."""
+    while exc is not None:
+        if isinstance(exc, OSError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def safe_load(path: str | Path, expected_format: str) -> dict[str, Any]:
