@@ -21,3 +21,9 @@ BATCH_SIZE = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
 MODEL_INFO = Gauge(
     "barlow_model_info", "The served model (value 1)", ["name", "sha256", "dim"], multiprocess_mode="max")
+SHED_REQUESTS = Counter(
+    "barlow_shed_requests", "Requests answered 503 without an embedding, by reason "
+    "(in_flight_limit, encoder_overloaded, encoder_unreachable)", ["reason"])
+IN_FLIGHT_IMAGES = Gauge(
+    "barlow_in_flight_images", "Images admitted and not yet answered (decoding or waiting for the encoder)",
+    multiprocess_mode="livesum")

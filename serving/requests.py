@@ -4,7 +4,8 @@ Everything a client controls is checked here, in the request handler, before the
 sees anything: a bad image fails only its own request, never the adaptive batch it would have
 joined. Errors are `{"error": "<one sentence>", "index": <image index or null>}` with 400 (bytes
 that are not a valid image, bad base64, malformed body), 401 (token), 413 (too many images or
-pixels, body too large), 415 (content type) or 422 (well-formed but wrong fields or values).
+pixels, body too large), 415 (content type) or 422 (well-formed but wrong fields or values);
+serving/limits.py adds 408 (body too slow) and 503 with Retry-After (overload, encoder restarting).
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 class RequestError(Exception):
     """A client error: HTTP status, one sentence, the image index when one image is at fault."""
 
-    def __init__(self, status: int, reason: str, message: str, index: int | None = None):
+    def __init__(self, status: int, reason: str, message: str, index: int | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.reason, self.message, self.index = status, reason, message, index
+        self.headers = {"WWW-Authenticate": "Bearer"} if status == 401 else dict(headers or {})
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse({"error": self.message, "index": self.index}, self.status, headers=headers)
+        return JSONResponse({"error": self.message, "index": self.index}, self.status, headers=self.headers)
 
 
 @dataclass
@@ -104,6 +106,8 @@ async def read_image_parts(request: Request, max_images: int, option: str, defau
                                    "not text fields", index)
             images.append(await part.read())
         check_count(len(images), max_images)
+        if option in form and option in request.query_params:
+            raise RequestError(422, "bad_field", f"give {option} as a form field or a query parameter, not both")
         value = form.get(option, request.query_params.get(option, default))
         if isinstance(value, UploadFile):
             raise RequestError(422, "bad_field", f"{option} must be a text field, not a file")

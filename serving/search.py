@@ -4,8 +4,8 @@ Multipart like /embed: one `images` file part per query image, plus an optional 
 query parameter; default 10, at most 1000). The same auth and bad-input rules as /embed apply (the
 helpers are `serving.requests`'), and a service started without an index answers 404 with how to
 configure one. The index is opened at start-up and must come from the served model (same ONNX
-sha256), so a mismatched pair never starts. Queries go through the same batched encoder as /embed;
-faiss runs in a worker thread so the event loop keeps serving.
+sha256), so a mismatched pair never starts. Queries go through the same admission bound, body
+deadline and batched encoder as /embed (serving/limits.py); faiss runs in a worker thread so the event loop keeps serving.
 
 Response: `{"model": name, "k": k, "results": [{"neighbours": [{key, source, label, score}, ...]}, ...]}`,
 one result per image in request order, neighbours best first (score: cosine similarity).
@@ -83,20 +83,20 @@ async def search(request: Request) -> JSONResponse:
 
     from serving import metrics
 
+    from serving.limits import body_deadline
+
     service = bentoml.get_current_service()
     try:
         service.authorize(request)
         index = require_index(service.search_index)
-        images, k = await parse_search(request, service.settings.max_images)
-        start = time.perf_counter()
-        arrays = await anyio.to_thread.run_sync(
-            preprocess_all, images, service.size, service.settings.max_pixels, limiter=service.decoders)
-        metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - start)
+        async with body_deadline(service.settings.body_timeout_s):
+            images, k = await parse_search(request, service.settings.max_images)
+        with service.admission.admit(len(images)):  # the same per-worker bound as /embed: 503 when full
+            start = time.perf_counter()
+            arrays = await anyio.to_thread.run_sync(
+                preprocess_all, images, service.size, service.settings.max_pixels, limiter=service.decoders)
+            metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - start)
+            embeddings = await service.encode(arrays)  # Unavailable (503) when shed or restarting
     except RequestError as exc:
         return service.reject(exc)
-    try:
-        embeddings = await service.encode(arrays)
-    except Exception:  # overload (batcher latency bound) or the encoder process restarting
-        logger.exception("encoder call failed")
-        return JSONResponse({"error": "the encoder is overloaded or restarting; retry shortly", "index": None}, 503)
     return JSONResponse(await anyio.to_thread.run_sync(search_payload, index, embeddings, k, service.name))

@@ -6,7 +6,9 @@ process on a private unix socket) holds the ONNX Runtime session behind a `batch
 merges concurrent requests into adaptive batches there, and one client's bad image can never fail a
 batch it shares with others. /embed and /embed_base64 are plain Starlette routes mounted on the
 service, because BentoML's typed multipart inputs answer some malformed bodies with 500 (and fetch
-URLs given in file fields); /readyz, /livez, /metrics are BentoML's own.
+URLs given in file fields); /readyz, /livez, /metrics are BentoML's own, and /docs.json is
+BentoML's OpenAPI document with these routes added (serving/openapi.py). Overload, slow uploads and
+a restarting encoder get 503/408 JSON answers at once (serving/limits.py says what bounds what).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from starlette.routing import Route
 from serving import metrics
 from serving.batching import GPU_PROVIDERS, bucket_for, bucket_sizes, pad_rows
 from serving.drain import IdleDrain
+from serving.limits import Admission, Unavailable, body_deadline
+from serving.openapi import openapi_document
 from serving.requests import (EmbedRequest, RequestError, check_body_size, check_token, header_pixels,
                               l2_normalize, parse_base64_json, parse_multipart, preprocess_all, read_body)
 from serving.runtime import OnnxEncoder, load_model_info
@@ -47,6 +51,10 @@ INLINE_PIXELS = env_int("BARLOW_INLINE_PIXELS", 2_000_000, minimum=0)
 # the old one with requests still in flight on it (503s under load); on a private socket there is
 # nothing to gain from the refresh, so it effectively never happens.
 NEVER_REFRESH = {"max_requests": 2**31 - 1, "max_age": 1e9}
+# /readyz asks the encoder itself, with this bound: BentoML's own dependency probe waited 30 s and
+# more on an encoder that had just been killed, and a probe that hangs is worse than a 503.
+READY_TIMEOUT_S = 2
+NO_RUNNER_PROBE = {"enabled": False, "timeout": READY_TIMEOUT_S, "period": 10}
 
 
 @bentoml.service(name="barlow-encoder", workers=1, threads=1, traffic={"timeout": TIMEOUT_S},
@@ -80,7 +88,9 @@ async def embed(request: Request) -> JSONResponse:
     service: Embedder = bentoml.get_current_service()
     try:
         service.authorize(request)
-        return await service.respond(await parse_multipart(request, service.settings.max_images))
+        async with body_deadline(service.settings.body_timeout_s):
+            parsed = await parse_multipart(request, service.settings.max_images)
+        return await service.respond(parsed)
     except RequestError as exc:
         return service.reject(exc)
 
@@ -89,7 +99,8 @@ async def embed_base64(request: Request) -> JSONResponse:
     service: Embedder = bentoml.get_current_service()
     try:
         service.authorize(request)
-        body = await read_body(request, service.settings.max_body_mb * 2**20)
+        async with body_deadline(service.settings.body_timeout_s):
+            body = await read_body(request, service.settings.max_body_mb * 2**20)
         return await service.respond(parse_base64_json(body, service.settings.max_images))
     except RequestError as exc:
         return service.reject(exc)
@@ -99,7 +110,14 @@ async def model(request: Request) -> JSONResponse:
     return JSONResponse(bentoml.get_current_service().info)
 
 
+async def docs(request: Request) -> JSONResponse:
+    """BentoML's /docs.json (probes) plus our routes, which BentoML cannot see in a Starlette app."""
+    service: Embedder = bentoml.get_current_service()
+    return JSONResponse(openapi_document(Embedder.openapi_spec.asdict(), service.settings))
+
+
 api = Starlette(routes=[
+    Route("/docs.json", docs, methods=["GET"]),  # the mounted app's routes match before BentoML's
     Route("/embed", embed, methods=["POST"]),
     Route("/embed_base64", embed_base64, methods=["POST"]),
     Route("/search", search, methods=["POST"]),
@@ -107,7 +125,8 @@ api = Starlette(routes=[
 ])
 
 
-@bentoml.service(name="barlow-embed", workers=env_int("BARLOW_WORKERS", 1), traffic={"timeout": TIMEOUT_S})
+@bentoml.service(name="barlow-embed", workers=env_int("BARLOW_WORKERS", 1), traffic={"timeout": TIMEOUT_S},
+                 runner_probe=NO_RUNNER_PROBE)
 @bentoml.asgi_app(api, path="/")
 class Embedder:
     """Public API: POST /embed, POST /embed_base64, POST /search, GET /model; BentoML adds /readyz /livez /metrics."""
@@ -120,18 +139,25 @@ class Embedder:
         self.name, self.dim, self.size = self.info["name"], int(self.info["dim"]), int(self.info["image_size"])
         Image.MAX_IMAGE_PIXELS = self.settings.max_pixels  # Pillow's own bomb guard agrees with ours
         self.decoders = anyio.CapacityLimiter(usable_cpus())  # decoding is CPU-bound: no more threads than CPUs
+        self.admission = Admission(self.settings.max_inflight_images)
         self.search_index = open_index(self.settings.index_dir, self.info)  # None: /search answers 404
         self.warm = False
         self.warm_lock = asyncio.Lock()
         metrics.MODEL_INFO.labels(self.name, self.info.get("onnx_sha256", ""), str(self.dim)).set(1)
-        logger.info("serving %s (dim %d, %d px); max %d images and %d pixels per image; auth %s", self.name,
-                    self.dim, self.size, self.settings.max_images, self.settings.max_pixels,
-                    "on" if self.settings.api_token else "off")
+        logger.info("serving %s (dim %d, %d px); max %d images and %d pixels per image, %d images in flight; "
+                    "auth %s", self.name, self.dim, self.size, self.settings.max_images, self.settings.max_pixels,
+                    self.settings.max_inflight_images, "on" if self.settings.api_token else "off")
 
     async def __is_ready__(self) -> bool:
-        """Ready once one warm-up inference went through the whole path (socket, batcher, session)."""
+        """Ready once one warm-up inference went through the whole path (socket, batcher, session),
+        and then while the encoder answers its own /readyz within READY_TIMEOUT_S (it may be restarting)."""
         if self.warm:
-            return True
+            try:
+                async with asyncio.timeout(READY_TIMEOUT_S):
+                    return not hasattr(self.encoder, "is_ready") or await self.encoder.is_ready(READY_TIMEOUT_S)
+            except Exception as exc:  # killed or restarting: its socket accepts, nobody answers
+                logger.info("encoder not ready: %r", exc)
+                return False
         async with self.warm_lock:
             if not self.warm:
                 try:
@@ -146,34 +172,44 @@ class Embedder:
         check_body_size(request, self.settings.max_body_mb * 2**20)
 
     def reject(self, error: RequestError) -> JSONResponse:
-        metrics.REJECTED_INPUTS.labels(error.reason).inc()
+        counter = metrics.SHED_REQUESTS if isinstance(error, Unavailable) else metrics.REJECTED_INPUTS
+        counter.labels(error.reason).inc()
         logger.debug("rejected (%d %s): %s", error.status, error.reason, error.message)
         return error.response()
 
     async def encode(self, images: np.ndarray) -> np.ndarray:
         """The batched encoder; one retry when a pooled connection was closed by the other side
-        (its keep-alive is shorter than the client's), which is safe because encoding is pure."""
+        (its keep-alive is shorter than the client's, or it was restarted), which is safe because
+        encoding is pure. Raises Unavailable (503) when the batcher sheds or the encoder is gone."""
         import aiohttp
 
         try:
-            return await self.encoder.to_async.encode(images)
-        except aiohttp.ClientConnectionError as exc:
-            logger.info("retrying once after a dropped encoder connection: %s", exc)
-            return await self.encoder.to_async.encode(images)
+            try:
+                return await self.encoder.to_async.encode(images)
+            except aiohttp.ClientConnectionError as exc:
+                logger.info("retrying once after a dropped encoder connection: %s", exc)
+                return await self.encoder.to_async.encode(images)
+        except (aiohttp.ClientError, OSError):
+            logger.exception("the encoder is unreachable")
+            raise Unavailable("encoder_unreachable", "the encoder is restarting; retry shortly") from None
+        except Exception:  # BentoML's 503 when the batch cannot meet max_latency_ms
+            logger.exception("encoder call failed")
+            raise Unavailable("encoder_overloaded", "the encoder is overloaded; retry shortly") from None
+
+    async def decode(self, images: list[bytes]) -> np.ndarray:
+        """Validated uint8 arrays; small requests on the event loop, big ones in a decoder thread."""
+        start = time.perf_counter()
+        if sum(map(header_pixels, images)) <= INLINE_PIXELS:
+            arrays = preprocess_all(images, self.size, self.settings.max_pixels)
+        else:
+            arrays = await anyio.to_thread.run_sync(
+                preprocess_all, images, self.size, self.settings.max_pixels, limiter=self.decoders)
+        metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - start)
+        return arrays
 
     async def respond(self, request: EmbedRequest) -> JSONResponse:
-        start = time.perf_counter()
-        if sum(map(header_pixels, request.images)) <= INLINE_PIXELS:
-            images = preprocess_all(request.images, self.size, self.settings.max_pixels)
-        else:
-            images = await anyio.to_thread.run_sync(
-                preprocess_all, request.images, self.size, self.settings.max_pixels, limiter=self.decoders)
-        metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - start)
-        try:
-            embeddings = await self.encode(images)
-        except Exception:  # overload (batcher latency bound) or the encoder process restarting
-            logger.exception("encoder call failed")
-            return JSONResponse({"error": "the encoder is overloaded or restarting; retry shortly", "index": None}, 503)
+        with self.admission.admit(len(request.images)):  # 503 at once when this worker is full
+            embeddings = await self.encode(await self.decode(request.images))
         if request.normalize:
             embeddings = l2_normalize(embeddings)
         metrics.IMAGES_EMBEDDED.inc(len(embeddings))

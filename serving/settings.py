@@ -29,6 +29,8 @@ class Settings:
     max_pixels: int = 40_000_000  # per image, checked before decoding
     max_body_mb: int = 256  # per request body
     threads: int = 0  # ONNX Runtime intra-op threads on CPU; 0: the CPUs this process may use
+    max_inflight_images: int = 128  # per worker, decoding or waiting for the encoder; more: 503 at once
+    body_timeout_s: int = 30  # to read and parse one request body; slower: 408
 
 
 def env_int(name: str, default: int, minimum: int = 1) -> int:
@@ -63,6 +65,9 @@ def settings_from_env() -> Settings:
         max_pixels=max_pixels_from_env(),
         max_body_mb=env_int("BARLOW_MAX_BODY_MB", 256),
         threads=env_int("BARLOW_THREADS", 0, minimum=0),
+        # Default: two full batches per worker, a few seconds of work for a ResNet on 2 CPU cores.
+        max_inflight_images=env_int("BARLOW_MAX_INFLIGHT_IMAGES", 2 * batching_from_env()[0]),
+        body_timeout_s=env_int("BARLOW_BODY_TIMEOUT_S", 30),
     )
 
 

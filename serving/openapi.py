@@ -1,0 +1,139 @@
+"""The OpenAPI description of our routes, merged into BentoML's /docs.json.
+
+BentoML documents only its own APIs and mounted FastAPI apps; /embed, /embed_base64, /search and
+/model are plain Starlette routes (serving/service.py says why), so its document lists the probes
+alone. `openapi_document` adds our paths, written here by hand from serving/requests.py,
+serving/search.py and serving/limits.py, so that clients and schemathesis see the real contract:
+every status a route can answer, the JSON error body, Retry-After on 503, and the bearer token only
+when one is configured. Count limits are stated in descriptions, not as maxItems: going over them is
+answered 413, which a schema bound would wrongly promise to be a 400/422.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from pipeline.search import DEFAULT_K, MAX_K
+from serving.settings import Settings
+
+JSON = "application/json"
+
+
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    response = {"description": description, "content": {JSON: {"schema": ref("Error")}}}
+    return {**response, "headers": headers} if headers else response
+
+
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+ERRORS = {
+    "400": error("An image is not a decodable image, or the body is malformed (multipart, JSON, base64)"),
+    "408": error("The request body did not arrive within BARLOW_BODY_TIMEOUT_S"),
+    "413": error("Body larger than BARLOW_MAX_BODY_MB, more than BARLOW_MAX_IMAGES images, or an image larger "
+                 "than BARLOW_MAX_PIXELS"),
+    "422": error("Well-formed but wrong fields or values (no images, unknown field, bad option, an option "
+                 "given both as a form field and a query parameter)"),
+    "503": error("At capacity (BARLOW_MAX_INFLIGHT_IMAGES) or the encoder is overloaded or restarting; retry",
+                 RETRY_AFTER),
+    "504": error("Not answered within the request timeout (60 s)"),
+}
+MULTIPART_ERRORS = {**ERRORS, "415": error("Not multipart/form-data")}
+BOOLEAN = {"type": "boolean", "description": "true/false (also 1/0, yes/no, on/off), default true"}
+
+
+def images_field(settings: Settings) -> dict[str, Any]:
+    return {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"},
+            "description": f"One file part per image (JPEG, PNG, WebP, GIF, BMP or TIFF), at most "
+                           f"{settings.max_images} (more: 413)"}
+
+
+def multipart_body(settings: Settings, option: str, option_schema: dict[str, Any]) -> dict[str, Any]:
+    schema = {"type": "object", "required": ["images"], "additionalProperties": False,
+              "properties": {"images": images_field(settings), option: option_schema}}
+    return {"required": True, "content": {"multipart/form-data": {
+        "schema": schema, "encoding": {"images": {"contentType": "application/octet-stream"}}}}}
+
+
+def operation(summary: str, body: dict[str, Any] | None, ok: dict[str, Any], errors: dict[str, Any],
+              settings: Settings, parameters: list[dict[str, Any]] = ()) -> dict[str, Any]:
+    responses = {"200": ok, **errors}
+    result: dict[str, Any] = {"summary": summary, "tags": ["Service APIs"], "responses": responses}
+    if parameters:
+        result["parameters"] = list(parameters)
+    if body:
+        result["requestBody"] = body
+    if settings.api_token:
+        result["security"] = [{"bearer": []}]
+        responses["401"] = error("Missing or wrong bearer token")
+    return result
+
+
+def paths(settings: Settings) -> dict[str, Any]:
+    k_schema = {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": DEFAULT_K}
+    ok = {"description": "Embeddings in request order", "content": {JSON: {"schema": ref("Embeddings")}}}
+    found = {"description": "Nearest indexed images of each image, best first",
+             "content": {JSON: {"schema": ref("SearchResults")}}}
+    return {
+        "/embed": {"post": operation(
+            "Embed uploaded images", multipart_body(settings, "normalize", BOOLEAN), ok, MULTIPART_ERRORS, settings,
+            [{"name": "normalize", "in": "query", "required": False, "schema": BOOLEAN}])},
+        "/embed_base64": {"post": operation(
+            "Embed base64-encoded images", {"required": True, "content": {JSON: {"schema": {
+                "type": "object", "required": ["images"], "additionalProperties": False, "properties": {
+                    "images": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "byte"},
+                               "description": "base64 (standard or URL-safe, data: URLs accepted) of image files, "
+                                              f"at most {settings.max_images} (more: 413)"},
+                    "normalize": BOOLEAN}}}}}, ok, ERRORS, settings)},
+        "/search": {"post": operation(
+            "Nearest indexed images of uploaded images", multipart_body(settings, "k", k_schema), found,
+            {**MULTIPART_ERRORS, "404": error("No index configured (BARLOW_INDEX_DIR)")}, settings,
+            [{"name": "k", "in": "query", "required": False, "schema": k_schema}])},
+        "/model": {"get": {"summary": "The served model's model.json", "tags": ["Service APIs"],
+                           "responses": {"200": {"description": "model.json",
+                                                 "content": {JSON: {"schema": ref("ModelInfo")}}}}}},
+    }
+
+
+SCHEMAS = {
+    "Error": {"type": "object", "required": ["error"], "properties": {
+        "error": {"type": "string", "description": "one sentence"},
+        "index": {"type": "integer", "nullable": True, "description": "the image at fault, when one is"}}},
+    "Embeddings": {"type": "object", "required": ["model", "dim", "embeddings"], "additionalProperties": False,
+                   "properties": {"model": {"type": "string"}, "dim": {"type": "integer"},
+                                  "embeddings": {"type": "array", "items": {"type": "array",
+                                                                            "items": {"type": "number"}}}}},
+    "SearchResults": {"type": "object", "required": ["model", "k", "results"], "properties": {
+        "model": {"type": "string"}, "k": {"type": "integer"},
+        "results": {"type": "array", "items": {"type": "object", "required": ["neighbours"], "properties": {
+            "neighbours": {"type": "array", "items": {"type": "object", "required": ["key", "score"], "properties": {
+                "key": {"type": "string"}, "source": {"type": "string", "nullable": True},
+                "label": {"type": "integer", "nullable": True}, "score": {"type": "number"}}}}}}}}},
+    "ModelInfo": {"type": "object", "required": ["name", "dim", "image_size"], "properties": {
+        "name": {"type": "string"}, "dim": {"type": "integer"}, "image_size": {"type": "integer"}}},
+}
+PROBES = {  # what BentoML's probes answer besides its documented 200
+    "/readyz": {"503": {"description": "Not ready: warming up, or the encoder is restarting",
+                        "content": {"text/plain": {"schema": {"type": "string"}}}}},
+    "/metrics": {"200": {"description": "Prometheus text format",
+                         "content": {"text/plain": {"schema": {"type": "string"}}}}},
+}
+
+
+def openapi_document(bentoml_spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """BentoML's document (info, probes) with our paths, schemas and, with a token, the bearer scheme."""
+    document = copy.deepcopy(bentoml_spec)
+    document["info"]["description"] = ("Barlow Twins image embeddings: POST /embed (multipart), /embed_base64 "
+                                       "(JSON), /search (nearest indexed images); GET /model.")
+    for path, responses in PROBES.items():
+        if path in document.get("paths", {}):
+            document["paths"][path]["get"]["responses"].update(copy.deepcopy(responses))
+    document.setdefault("paths", {}).update(paths(settings))
+    components = document.setdefault("components", {})
+    components.setdefault("schemas", {}).update(copy.deepcopy(SCHEMAS))
+    if settings.api_token:
+        components.setdefault("securitySchemes", {})["bearer"] = {"type": "http", "scheme": "bearer"}
+    return document
