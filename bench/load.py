@@ -4,7 +4,9 @@ For each level C in --clients and each request shape (1 image, --multi images), 
 clients post to /embed for --seconds after a short warm-up: requests sent, throughput, p50/p95/p99
 latency of every request, errors by status (or exception), and the RSS of the whole server process
 tree before and after. --soak N then sends N single-image requests from --soak-clients clients and
-reports RSS growth after a warm-up (the first 10 %) and the count of 5xx. The server runs with the
+reports RSS growth after a warm-up (the first 10 %) and the count of 5xx. --overload C adds single-image
+levels beyond capacity, where admission control (BARLOW_MAX_INFLIGHT_IMAGES, default 128 per worker)
+must answer the excess with fast 503s: latency is reported per status. The server runs with the
 service defaults (BARLOW_* unset). Merges "load" and "soak" into bench/results/reliability-<date>.json.
 """
 
@@ -43,11 +45,18 @@ def server_rss_mb(pid: int) -> float:
     return round(total / 2**20, 1)
 
 
-def summary(latencies: list[float], statuses: Counter, seconds: float, images: int) -> dict:
+def percentiles(latencies: list[float]) -> dict:
+    ms = np.array(latencies) * 1000
+    return {f"p{q}_ms": round(float(np.percentile(ms, q)), 1) for q in (50, 99)} | {"max_ms": round(float(ms.max()), 1)}
+
+
+def summary(latencies: list[float], statuses: Counter, seconds: float, images: int,
+            by_status: dict[str, list[float]] | None = None) -> dict:
     """The figures of one measurement; latencies in seconds, of every request (errors included)."""
     ms = np.array(latencies) * 1000 if latencies else np.zeros(1)
     sent, ok = sum(statuses.values()), statuses.get("200", 0)
-    return {"requests_sent": sent, "ok": ok, "errors_by_status": {k: v for k, v in sorted(statuses.items()) if k != "200"},
+    per_status = {"latency_by_status": {k: percentiles(v) for k, v in sorted(by_status.items())}} if by_status else {}
+    return {**per_status, "requests_sent": sent, "ok": ok, "errors_by_status": {k: v for k, v in sorted(statuses.items()) if k != "200"},
             "throughput_rps": round(ok / seconds, 1), "images_per_s": round(ok * images / seconds, 1),
             "p50_ms": round(float(np.percentile(ms, 50)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1),
             "p99_ms": round(float(np.percentile(ms, 99)), 1), "max_ms": round(float(ms.max()), 1),
@@ -73,7 +82,7 @@ def client_pool(url: str, clients: int):
 
 async def level(url: str, blobs: list[bytes], clients: int, images: int, warmup: float, seconds: float) -> dict:
     """C clients in closed loops for warm-up + seconds; requests started in the window are measured."""
-    latencies, statuses = [], Counter()
+    latencies, statuses, by_status = [], Counter(), {}
     begin = time.perf_counter()
     measure_from, measure_to = begin + warmup, begin + warmup + seconds
 
@@ -85,10 +94,11 @@ async def level(url: str, blobs: list[bytes], clients: int, images: int, warmup:
             if start >= measure_from:
                 latencies.append(time.perf_counter() - start)
                 statuses[status] += 1
+                by_status.setdefault(status, []).append(latencies[-1])
 
     async with client_pool(url, clients) as http:
         await asyncio.gather(*(client(i, http) for i in range(clients)))
-    return summary(latencies, statuses, time.perf_counter() - measure_from, images)
+    return summary(latencies, statuses, time.perf_counter() - measure_from, images, by_status)
 
 
 async def soak(url: str, pid: int, blobs: list[bytes], clients: int, total: int) -> dict:
@@ -126,6 +136,8 @@ def main() -> int:
     parser.add_argument("--multi", type=int, default=8, help="images per multi-image request (default %(default)s)")
     parser.add_argument("--seconds", type=float, default=30, help="T per level (default %(default)s)")
     parser.add_argument("--warmup", type=float, default=3, help="per level, not measured (default %(default)s)")
+    parser.add_argument("--overload", type=int, nargs="*", default=[256],
+                        help="single-image levels beyond capacity, after the others (default 256)")
     parser.add_argument("--soak", type=int, default=0, help="soak requests after the levels (0: none; issue: 20000)")
     parser.add_argument("--soak-clients", type=int, default=32, help="clients of the soak (default %(default)s)")
     parser.add_argument("--model-dir", type=Path, help="an exported MODEL_DIR (default: export a random one)")
@@ -152,6 +164,12 @@ def main() -> int:
                     levels.append({"clients": clients, "images_per_request": images, **result,
                                    "rss_start_mb": before, "rss_end_mb": server_rss_mb(pid)})
                     print(json.dumps(levels[-1]), flush=True)
+            for clients in args.overload:
+                before = server_rss_mb(pid)
+                result = asyncio.run(level(server.url, blobs, clients, 1, args.warmup, args.seconds))
+                levels.append({"clients": clients, "images_per_request": 1, "overload": True, **result,
+                               "rss_start_mb": before, "rss_end_mb": server_rss_mb(pid)})
+                print(json.dumps(levels[-1]), flush=True)
             soaked = asyncio.run(soak(server.url, pid, blobs, args.soak_clients, args.soak)) if args.soak else None
             alive = server.process.poll() is None
             rss_end = server_rss_mb(pid) if alive else None
@@ -169,7 +187,11 @@ def main() -> int:
     if soaked:
         merge_record(record_path, "soak", {**where, **soaked})
         print(json.dumps(soaked), flush=True)
-    server_errors = sum(v for lv in levels for k, v in lv["errors_by_status"].items() if k.isdigit() and int(k) >= 500)
+    # A 503 is the admission answer beyond capacity (C x images over BARLOW_MAX_INFLIGHT_IMAGES): a
+    # failure only when it was slow, i.e. the request queued before it was turned away.
+    server_errors = sum(v for lv in levels for k, v in lv["errors_by_status"].items()
+                        if k.isdigit() and int(k) >= 500 and k != "503")
+    server_errors += sum(1 for lv in levels if lv["latency_by_status"].get("503", {}).get("p99_ms", 0) > 1000)
     return 0 if alive and server_errors == 0 and (not soaked or soaked["server_5xx"] == 0) else 1
 
 
