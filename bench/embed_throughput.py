@@ -123,19 +123,22 @@ def bench_embed(args: argparse.Namespace, work: Path) -> dict:
     }
 
 
-def embeddings_like(count: int, dim: int, seed: int, rank: int = 64) -> np.ndarray:
+def embedding_chunks(count: int, dim: int, seed: int, rank: int = 64, chunk: int = 100_000):
     """Unit vectors of low intrinsic dimension: a power-law spectrum over `rank` directions plus a
-    little isotropic noise, as real embeddings (RankMe far below D) look; made in chunks."""
+    little isotropic noise, as real embeddings (RankMe far below D) look. Yielded in chunks so that
+    10^6 x 2048 never exists twice in memory (the index holds its own copy)."""
     rng = np.random.default_rng(seed)
     basis = np.linalg.qr(np.random.default_rng(12345).standard_normal((dim, rank)))[0].T.astype(np.float32)
     scales = (np.arange(1, rank + 1) ** -0.5).astype(np.float32)
-    out = np.empty((count, dim), np.float32)
-    for start in range(0, count, 100_000):
-        n = min(100_000, count - start)
-        chunk = (rng.standard_normal((n, rank), dtype=np.float32) * scales) @ basis
-        chunk += 0.02 * rng.standard_normal((n, dim), dtype=np.float32)
-        out[start:start + n] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
-    return out
+    for start in range(0, count, chunk):
+        n = min(chunk, count - start)
+        vectors = (rng.standard_normal((n, rank), dtype=np.float32) * scales) @ basis
+        vectors += 0.02 * rng.standard_normal((n, dim), dtype=np.float32)
+        yield vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def embeddings_like(count: int, dim: int, seed: int) -> np.ndarray:
+    return np.concatenate(list(embedding_chunks(count, dim, seed)))
 
 
 def latencies_ms(index, queries: np.ndarray, k: int) -> dict:
@@ -145,13 +148,19 @@ def latencies_ms(index, queries: np.ndarray, k: int) -> dict:
         start = time.perf_counter()
         index.search(query[None], k)
         times.append((time.perf_counter() - start) * 1000)
-    return {"p50_ms": round(float(np.percentile(times, 50)), 3), "p99_ms": round(float(np.percentile(times, 99)), 3)}
+    return {"p50_ms": round(float(np.percentile(times, 50)), 3), "p99_ms": round(float(np.percentile(times, 99)), 3),
+            "timed_queries": len(times)}
 
 
-def bench_search(sizes: list[int], dims: list[int], queries: int, threads: int, k: int = 10) -> list[dict]:
+def bench_search(sizes: list[int], dims: list[int], queries: int, threads: int, k: int = 10,
+                 flat_timed: int = 100) -> list[dict]:
+    """Build time, latency and recall@10 of ivf-pq against flat's exact answers. The vectors are i.i.d.,
+    so ivf-pq trains on fresh draws of the same distribution (`barlow index`: a random sample of the rows).
+    Flat's single-query latency is timed on the first `flat_timed` queries (a scan of N x D each)."""
     import faiss
 
     from pipeline.index import new_index, training_size
+    from pipeline.search import apply_search_params
 
     faiss.omp_set_num_threads(threads)
 
@@ -159,28 +168,30 @@ def bench_search(sizes: list[int], dims: list[int], queries: int, threads: int, 
     for dim in dims:
         for count in sizes:
             logging.info("search: N=%d D=%d", count, dim)
-            vectors = embeddings_like(count, dim, seed=1)
             probes = embeddings_like(queries, dim, seed=2)
             record = {"n": count, "dim": dim, "queries": queries, "k": k}
             flat, _ = new_index("flat", dim, count)
             start = time.perf_counter()
-            flat.add(vectors)
-            record["flat"] = {"build_s": round(time.perf_counter() - start, 3), **latencies_ms(flat, probes, k)}
+            for vectors in embedding_chunks(count, dim, seed=1):
+                flat.add(vectors)
+            record["flat"] = {"build_s": round(time.perf_counter() - start, 3),
+                              **latencies_ms(flat, probes[:flat_timed], k), "bytes_per_vector": 4 * dim}
             _, exact = flat.search(probes, k)
             del flat
             ivf, params = new_index("ivf-pq", dim, count)
-            rows = np.random.default_rng(0).choice(count, min(count, training_size(params["nlist"])), replace=False)
-            sample = vectors[rows]
             start = time.perf_counter()
+            sample = embeddings_like(training_size(params["nlist"]), dim, seed=3)  # same distribution
             ivf.train(sample)
-            ivf.add(vectors)
+            for vectors in embedding_chunks(count, dim, seed=1):
+                ivf.add(vectors)
             build = time.perf_counter() - start
-            faiss.extract_index_ivf(ivf).nprobe = params["nprobe"]
+            apply_search_params(ivf, params)
             _, approx = ivf.search(probes, k)
             recall = float(np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact)]))
             record["ivf_pq"] = {"build_s": round(build, 3), **latencies_ms(ivf, probes, k), **params,
+                                "bytes_per_vector": params["pq_bytes"] + dim,  # codes + SQ8 re-ranking store
                                 "train_vectors": len(sample), "recall_at_10": round(recall, 4)}
-            del ivf, vectors
+            del ivf
             logging.info("%s", record)
             records.append(record)
     return records

@@ -62,8 +62,7 @@ class SearchIndex:
         if not (self.index.ntotal == self.rows.num_rows == self.info.get("count")):
             raise UserError(f"{self.dir} is incomplete (index {self.index.ntotal} rows, keys {self.rows.num_rows}, "
                             f"index.json {self.info.get('count')}); rebuild it with barlow index")
-        if "nprobe" in self.info:
-            faiss.extract_index_ivf(self.index).nprobe = int(self.info["nprobe"])
+        apply_search_params(self.index, self.info)
         self.model = self.info["model"]
         self.dim = int(self.info["dim"])
 
@@ -114,6 +113,17 @@ class SearchIndex:
         if self.info.get("kind") != "flat":
             faiss.extract_index_ivf(self.index).make_direct_map()  # IVF stores no row -> list map by default
         return self.index.reconstruct(row)
+
+
+def apply_search_params(index, info: dict[str, Any]) -> None:
+    """Set the query-time knobs that index.json records: it is their source of truth, and an index fresh
+    from `new_index` (the benchmark's) still has faiss's defaults (nprobe 1, k_factor 1)."""
+    import faiss
+
+    if "nprobe" in info:
+        faiss.extract_index_ivf(index).nprobe = int(info["nprobe"])
+    if "k_factor" in info:
+        faiss.downcast_index(index).k_factor = float(info["k_factor"])
 
 
 def check_k(k: int) -> int:

@@ -147,7 +147,7 @@ def test_ivf_pq_trains_on_a_sample_and_keeps_recall_against_flat(tmp_path, emb_d
                    [None] * 5000, vectors[rows.start:rows.stop], meta)
     flat_info = build_index(emb, tmp_path / "flat")
     ivf_info = build_index(emb, tmp_path / "ivf", kind="ivf-pq")
-    assert ivf_info["kind"] == "ivf-pq" and ivf_info["count"] == 10_000 and ivf_info["pq_bytes"] == 4
+    assert ivf_info["kind"] == "ivf-pq" and ivf_info["count"] == 10_000 and ivf_info["pq_bytes"] == 2
     assert ivf_info["nlist"] >= 16 and ivf_info["nprobe"] >= 1 and flat_info["kind"] == "flat"
     flat, ivf = SearchIndex(tmp_path / "flat"), SearchIndex(tmp_path / "ivf")
     noise = 0.05 * np.random.default_rng(2).standard_normal((200, 32)).astype(np.float32)
@@ -155,7 +155,7 @@ def test_ivf_pq_trains_on_a_sample_and_keeps_recall_against_flat(tmp_path, emb_d
     exact = [{h["key"] for h in hits} for hits in flat.search(queries, 10)]
     approx = [{h["key"] for h in hits} for hits in ivf.search(queries, 10)]
     recall = np.mean([len(a & e) / 10 for a, e in zip(approx, exact)])
-    assert recall >= 0.3, recall  # ~0.5 seen with 4-byte codes; chance is 0.001 (bench/ measures real sizes)
+    assert recall >= 0.85, recall  # PQ codes alone gave ~0.5 here; chance is 0.001 (bench/ measures real sizes)
     near = ivf.neighbours_of_key("k120", 5)
     assert len(near) == 5 and all(h["key"] != "k120" for h in near)
 
