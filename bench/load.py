@@ -5,9 +5,15 @@ clients post to /embed for --seconds after a short warm-up: requests sent, throu
 latency of every request, errors by status (or exception), and the RSS of the whole server process
 tree before and after. --soak N then sends N single-image requests from --soak-clients clients and
 reports RSS growth after a warm-up (the first 10 %) and the count of 5xx. --overload C adds single-image
-levels beyond capacity, where admission control (BARLOW_MAX_INFLIGHT_IMAGES, default 128 per worker)
-must answer the excess with fast 503s: latency is reported per status. The server runs with the
-service defaults (BARLOW_* unset). Merges "load" and "soak" into bench/results/reliability-<date>.json.
+levels beyond capacity, where admission control (BARLOW_MAX_INFLIGHT_IMAGES, lowered to keep the wait
+near BARLOW_MAX_QUEUE_MS) must answer the excess with fast 503s: latency is reported per status.
+The server runs with the service defaults (BARLOW_* unset). Merges "load" and "soak" into
+bench/results/reliability-<date>.json.
+
+Clients are closed loops that retry at once (no Retry-After back-off: the worst case), aiohttp with
+pre-encoded bodies, spread over --client-processes processes on the same cores as the server. Each
+level also records "server_side": the server's own barlow_request_seconds histogram over the level
+(bucket bounds of p50/p99 per status), so the server's time is told apart from the load generator's.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -50,6 +57,32 @@ def percentiles(latencies: list[float]) -> dict:
     return {f"p{q}_ms": round(float(np.percentile(ms, q)), 1) for q in (50, 99)} | {"max_ms": round(float(ms.max()), 1)}
 
 
+def histogram(url: str) -> dict[tuple[str, float], float]:
+    """barlow_request_seconds buckets of /embed from the server's /metrics: {(status, le): count}."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    buckets = Counter()
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=60).text):
+        for sample in family.samples:
+            if sample.name == "barlow_request_seconds_bucket" and sample.labels.get("route") == "/embed":
+                buckets[sample.labels["status"], float(sample.labels["le"])] += sample.value
+    return buckets
+
+
+def server_latency(before: dict, after: dict) -> dict:
+    """Per status, from the server's histogram (bucket deltas over the level): count and the bucket
+    bounds p50/p99 fall under; time from the app seeing a request to its last response byte."""
+    result = {}
+    for status in sorted({status for status, _ in after}):
+        cumulative = sorted((le, after[status, le] - before.get((status, le), 0)) for s, le in after if s == status)
+        count = cumulative[-1][1]
+        if count:
+            bound = {q: next(le for le, n in cumulative if n >= q / 100 * count) for q in (50, 99)}
+            result[status] = {"count": int(count), **{f"p{q}_ms_at_most": round(b * 1000, 1) for q, b in bound.items()}}
+    return result
+
+
 def summary(latencies: list[float], statuses: Counter, seconds: float, images: int,
             by_status: dict[str, list[float]] | None = None) -> dict:
     """The figures of one measurement; latencies in seconds, of every request (errors included)."""
@@ -63,47 +96,89 @@ def summary(latencies: list[float], statuses: Counter, seconds: float, images: i
             "seconds": round(seconds, 1)}
 
 
-async def post(http, blobs: list[bytes]) -> str:
-    import httpx
+BOUNDARY = "barlowloadboundary"
+CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
 
-    files = [("images", (f"{i}.jpg", blob, "image/jpeg")) for i, blob in enumerate(blobs)]
+
+def multipart(blobs: list[bytes]) -> bytes:
+    """One /embed body with an `images` part per blob, built once: encoding forms per request would
+    cost the load generator more CPU than the server spends rejecting them."""
+    parts = [f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="images"; filename="{i}.jpg"\r\n'
+             f"Content-Type: image/jpeg\r\n\r\n".encode() + blob + b"\r\n" for i, blob in enumerate(blobs)]
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+
+
+def bodies(blobs: list[bytes], images: int) -> list[bytes]:
+    return [multipart([blobs[(n + i) % len(blobs)] for i in range(images)]) for n in range(len(blobs))]
+
+
+async def post(http, body: bytes) -> str:
+    import aiohttp
+
     try:
-        return str((await http.post("/embed", files=files)).status_code)
-    except httpx.HTTPError as exc:  # timeouts, refused or dropped connections count as errors too
+        async with http.post("/embed", data=body, headers={"Content-Type": CONTENT_TYPE}) as response:
+            await response.read()
+            return str(response.status)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:  # timeouts, refused or dropped connections count too
         return type(exc).__name__
 
 
 def client_pool(url: str, clients: int):
-    import httpx
+    """aiohttp, not httpx: httpx's pool costs O(connections) CPU per request, which made a one-process
+    load generator with 128+ connections the bottleneck on a 2-core machine (it measured itself)."""
+    import aiohttp
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    return httpx.AsyncClient(base_url=url, timeout=120, limits=limits)
+    connector = aiohttp.TCPConnector(limit=clients, limit_per_host=clients)
+    return aiohttp.ClientSession(base_url=url, connector=connector, timeout=aiohttp.ClientTimeout(total=120))
 
 
-async def level(url: str, blobs: list[bytes], clients: int, images: int, warmup: float, seconds: float) -> dict:
-    """C clients in closed loops for warm-up + seconds; requests started in the window are measured."""
-    latencies, statuses, by_status = [], Counter(), {}
+async def closed_loops(url: str, payloads: list[bytes], clients: int, first: int, warmup: float,
+                       seconds: float) -> tuple[list[tuple[str, float]], float]:
+    """`clients` closed loops for warm-up + seconds: (status, latency) of the requests started in the window."""
+    outcomes = []
     begin = time.perf_counter()
     measure_from, measure_to = begin + warmup, begin + warmup + seconds
 
-    async def client(index: int, http) -> None:
-        n = index
+    async def client(n: int, http) -> None:
         while (start := time.perf_counter()) < measure_to:
-            status = await post(http, [blobs[(n + i) % len(blobs)] for i in range(images)])
+            status = await post(http, payloads[n % len(payloads)])
             n += clients
             if start >= measure_from:
-                latencies.append(time.perf_counter() - start)
-                statuses[status] += 1
-                by_status.setdefault(status, []).append(latencies[-1])
+                outcomes.append((status, time.perf_counter() - start))
 
     async with client_pool(url, clients) as http:
-        await asyncio.gather(*(client(i, http) for i in range(clients)))
-    return summary(latencies, statuses, time.perf_counter() - measure_from, images, by_status)
+        await asyncio.gather(*(client(first + i, http) for i in range(clients)))
+    return outcomes, time.perf_counter() - measure_from
+
+
+def client_process(job: tuple) -> tuple[list[tuple[str, float]], float]:
+    return asyncio.run(closed_loops(*job))
+
+
+def level(url: str, blobs: list[bytes], clients: int, images: int, warmup: float, seconds: float,
+          processes: int = 1) -> dict:
+    """C clients in closed loops, spread over `processes` client processes (one asyncio loop each)."""
+    payloads = bodies(blobs, images)
+    shares = [clients // processes + (p < clients % processes) for p in range(processes)]
+    jobs = [(url, payloads, share, sum(shares[:p]), warmup, seconds) for p, share in enumerate(shares) if share]
+    if len(jobs) == 1:
+        results = [client_process(jobs[0])]
+    else:
+        with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
+            results = pool.map(client_process, jobs)
+    latencies, statuses, by_status = [], Counter(), {}
+    for outcomes, _ in results:
+        for status, latency in outcomes:
+            latencies.append(latency)
+            statuses[status] += 1
+            by_status.setdefault(status, []).append(latency)
+    return summary(latencies, statuses, max(elapsed for _, elapsed in results), images, by_status)
 
 
 async def soak(url: str, pid: int, blobs: list[bytes], clients: int, total: int) -> dict:
     """`total` single-image requests; RSS sampled every 5 % of them, growth measured from the 10 % mark."""
     latencies, statuses, rss = [], Counter(), {0: server_rss_mb(pid)}
+    payloads = bodies(blobs, 1)
     step = max(total // 20, 1)
     sent = 0
 
@@ -113,7 +188,7 @@ async def soak(url: str, pid: int, blobs: list[bytes], clients: int, total: int)
             sent += 1
             number = sent
             start = time.perf_counter()
-            statuses[await post(http, [blobs[number % len(blobs)]])] += 1
+            statuses[await post(http, payloads[number % len(payloads)])] += 1
             latencies.append(time.perf_counter() - start)
             if number % step == 0:
                 rss[number] = server_rss_mb(pid)
@@ -140,6 +215,8 @@ def main() -> int:
                         help="single-image levels beyond capacity, after the others (default 256)")
     parser.add_argument("--soak", type=int, default=0, help="soak requests after the levels (0: none; issue: 20000)")
     parser.add_argument("--soak-clients", type=int, default=32, help="clients of the soak (default %(default)s)")
+    parser.add_argument("--client-processes", type=int, default=2,
+                        help="load-generator processes the clients of a level are spread over (default %(default)s)")
     parser.add_argument("--model-dir", type=Path, help="an exported MODEL_DIR (default: export a random one)")
     parser.add_argument("--arch", default="resnet18", help="for the random model (default %(default)s)")
     parser.add_argument("--image-size", type=int, default=32, help="for the random model (default %(default)s)")
@@ -159,16 +236,20 @@ def main() -> int:
             levels = []
             for clients in args.clients:
                 for images in (1, args.multi):
-                    before = server_rss_mb(pid)
-                    result = asyncio.run(level(server.url, blobs, clients, images, args.warmup, args.seconds))
+                    before, buckets = server_rss_mb(pid), histogram(server.url)
+                    result = level(server.url, blobs, clients, images, args.warmup, args.seconds, args.client_processes)
                     levels.append({"clients": clients, "images_per_request": images, **result,
-                                   "rss_start_mb": before, "rss_end_mb": server_rss_mb(pid)})
+                                   "server_side": server_latency(buckets, histogram(server.url)),
+                                   "rss_start_mb": before, "rss_end_mb": server_rss_mb(pid),
+                                   "load_average_1m": round(os.getloadavg()[0], 1)})
                     print(json.dumps(levels[-1]), flush=True)
             for clients in args.overload:
-                before = server_rss_mb(pid)
-                result = asyncio.run(level(server.url, blobs, clients, 1, args.warmup, args.seconds))
+                before, buckets = server_rss_mb(pid), histogram(server.url)
+                result = level(server.url, blobs, clients, 1, args.warmup, args.seconds, args.client_processes)
                 levels.append({"clients": clients, "images_per_request": 1, "overload": True, **result,
-                               "rss_start_mb": before, "rss_end_mb": server_rss_mb(pid)})
+                               "server_side": server_latency(buckets, histogram(server.url)),
+                               "rss_start_mb": before, "rss_end_mb": server_rss_mb(pid),
+                               "load_average_1m": round(os.getloadavg()[0], 1)})
                 print(json.dumps(levels[-1]), flush=True)
             soaked = asyncio.run(soak(server.url, pid, blobs, args.soak_clients, args.soak)) if args.soak else None
             alive = server.process.poll() is None
@@ -178,7 +259,8 @@ def main() -> int:
     where = {"device": device_label(False), "commit": commit(), "cpus": os.cpu_count(),
              "load_average_1m_at_end": round(os.getloadavg()[0], 1),
              "model": {"arch": args.arch, "image_size": args.image_size},
-             "server": "barlow serve on 127.0.0.1, service defaults, clients in one asyncio process on the same machine",
+             "server": "barlow serve on 127.0.0.1, service defaults",
+             "clients": f"aiohttp closed loops in {args.client_processes} asyncio processes on the same machine",
              "note": args.note, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     record_path = args.out / f"reliability-{datetime.date.today().isoformat()}.json"
     merge_record(record_path, "load", {**where, "seconds_per_level": args.seconds, "levels": levels,
@@ -187,11 +269,11 @@ def main() -> int:
     if soaked:
         merge_record(record_path, "soak", {**where, **soaked})
         print(json.dumps(soaked), flush=True)
-    # A 503 is the admission answer beyond capacity (C x images over BARLOW_MAX_INFLIGHT_IMAGES): a
-    # failure only when it was slow, i.e. the request queued before it was turned away.
+    # A 503 is the admission answer beyond capacity: a failure only when the server was slow to give it,
+    # i.e. the request queued before it was turned away (server-side: the client shares the cores).
     server_errors = sum(v for lv in levels for k, v in lv["errors_by_status"].items()
                         if k.isdigit() and int(k) >= 500 and k != "503")
-    server_errors += sum(1 for lv in levels if lv["latency_by_status"].get("503", {}).get("p99_ms", 0) > 1000)
+    server_errors += sum(1 for lv in levels if lv["server_side"].get("503", {}).get("p99_ms_at_most", 0) > 1000)
     return 0 if alive and server_errors == 0 and (not soaked or soaked["server_5xx"] == 0) else 1
 
 

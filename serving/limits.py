@@ -1,11 +1,20 @@
 """Load limits: admit only the work this worker can finish soon, and stop waiting for slow uploads.
 
 Overload is answered at once instead of queued: a request whose images would take this worker past
-BARLOW_MAX_INFLIGHT_IMAGES images in flight (being decoded or waiting for the encoder) gets 503
-with a JSON reason and `Retry-After`, because a queue past capacity only adds wait (Little's law:
-wait = images in flight / images per second) until every client times out. Admission happens after
-the body is read, so a slow upload never holds a slot and a rejected client reads its 503 instead of
-a reset while still sending. The batcher's BARLOW_MAX_LATENCY_MS bound sheds what slips past (503).
+its admission limit (images being decoded or waiting for the encoder) gets 503 with a JSON reason
+and `Retry-After`, because a queue past capacity only adds wait (Little's law: wait = images in
+flight / images per second) until every client times out. The limit is BARLOW_MAX_INFLIGHT_IMAGES,
+lowered to what the measured speed clears in BARLOW_MAX_QUEUE_MS (default 1000). Images are counted
+after the body is read, so a slow upload never holds a slot; while the worker is full, `Gate`
+answers 503 before reading the body at all, so a flood of rejections costs the event loop little.
+The batcher's BARLOW_MAX_LATENCY_MS bound sheds what slips past (503).
+
+Measured on a shared 2-core CPU (bench/load.py, ResNet-18 at 32 px, closed-loop clients that retry
+at once): with 128 images admitted and the rejection after the multipart parse, C=256 gave 503s in
+p50 5.8 s / p99 8.5 s, but most of that was the load generator (httpx, one process, ~20 ms CPU per
+request at 256 connections); the server took under 10 ms for each 503 (barlow_request_seconds).
+What remains is Little's law: 128 admitted at ~45 images/s is ~3 s of wait by design, hence the
+target-wait bound.
 
 What bounds slow or hostile connections (BentoML 1.4.40 running uvicorn 0.54 with h11, from their
 source, checked against a running server):
@@ -30,13 +39,15 @@ source, checked against a running server):
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
 from serving import metrics
 from serving.requests import RequestError
 
 RETRY_AFTER_S = 1
+SMOOTHING = 0.1  # weight of each new rate sample: about the last ten requests count
 
 
 class Unavailable(RequestError):
@@ -47,25 +58,85 @@ class Unavailable(RequestError):
 
 
 class Admission:
-    """Images in flight in this worker, bounded. Used from one event loop only, so no lock."""
+    """Images in flight in this worker, bounded. Used from one event loop only, so no lock.
 
-    def __init__(self, limit: int):
-        self.limit, self.in_flight = limit, 0
+    The bound is `max_limit`, or, with a target wait, what this worker finishes in that time:
+    limit = images per second x target_wait_s (Little's law), the rate measured from admitted
+    requests as (images ahead of it + its own) / its time from admission to embedding, smoothed.
+    So the bound follows the real speed: a GPU or an idle machine admits up to `max_limit`, a CPU
+    starved by other work admits less, and an admitted request waits about the target, not more.
+    """
+
+    def __init__(self, max_limit: int, target_wait_s: float = 0.0):
+        self.max_limit, self.limit, self.target_wait_s = max_limit, max_limit, target_wait_s
+        self.in_flight, self.rate = 0, 0.0
+        metrics.ADMISSION_LIMIT.set(self.limit)
+
+    def full(self) -> bool:
+        """No request can be admitted now (not even one image)."""
+        return self.in_flight >= self.limit
+
+    def at_capacity(self) -> Unavailable:
+        return Unavailable("in_flight_limit", f"the server is at capacity ({self.in_flight} images in flight, "
+                           f"limit {self.limit}); retry after {RETRY_AFTER_S} s")
 
     @contextmanager
     def admit(self, images: int) -> Iterator[None]:
         """Hold `images` slots for the block, or raise Unavailable at once. A request bigger than the
         limit is admitted when nothing else is in flight, so every valid request can succeed."""
         if self.in_flight and self.in_flight + images > self.limit:
-            raise Unavailable("in_flight_limit", f"the server is at capacity ({self.in_flight} images in flight, "
-                              f"limit {self.limit}); retry after {RETRY_AFTER_S} s")
+            raise self.at_capacity()
+        ahead, start = self.in_flight, time.perf_counter()
         self.in_flight += images
         metrics.IN_FLIGHT_IMAGES.inc(images)
         try:
             yield
+            self.observe(ahead + images, time.perf_counter() - start)
         finally:
             self.in_flight -= images
             metrics.IN_FLIGHT_IMAGES.dec(images)
+
+    def observe(self, images: int, seconds: float) -> None:
+        """One admitted request done: `images` (its own and those ahead of it) cleared in `seconds`."""
+        if not self.target_wait_s or seconds <= 0:
+            return
+        sample = images / seconds
+        self.rate = sample if not self.rate else self.rate + SMOOTHING * (sample - self.rate)
+        self.limit = max(1, min(self.max_limit, round(self.rate * self.target_wait_s)))
+        metrics.ADMISSION_LIMIT.set(self.limit)
+
+
+class Gate:
+    """Pure ASGI middleware in front of the API routes: times each request to `paths`
+    (barlow_request_seconds) and, while this worker is full, answers 503 before the body is read.
+
+    The body's multipart parse is most of what a rejection costs the event loop, and a loop busy
+    with rejections delays everything, admitted requests included. Answering before reading is safe
+    for clients: uvicorn (h11) discards the rest of the body and keeps the connection, so a client
+    still sending reads its 503 instead of a reset. Slow uploads still hold no slot: the gate only
+    reads `Admission.full()`; the images are counted after the parse, as before.
+    """
+
+    def __init__(self, app, admission: Callable[[], Admission | None], paths: tuple[str, ...]):
+        self.app, self.admission, self.paths = app, admission, paths
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [0]
+
+        async def timed_send(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                metrics.REQUEST_SECONDS.labels(scope["path"], str(status[0])).observe(time.perf_counter() - start)
+
+        admission = self.admission()
+        if admission is not None and admission.full():
+            metrics.SHED_REQUESTS.labels("in_flight_limit").inc()
+            return await admission.at_capacity().response()(scope, receive, timed_send)
+        await self.app(scope, receive, timed_send)
 
 
 @asynccontextmanager

@@ -27,3 +27,11 @@ SHED_REQUESTS = Counter(
 IN_FLIGHT_IMAGES = Gauge(
     "barlow_in_flight_images", "Images admitted and not yet answered (decoding or waiting for the encoder)",
     multiprocess_mode="livesum")
+REQUEST_SECONDS = Histogram(
+    "barlow_request_seconds", "Server-side time of one API request, from the app seeing it to its last response "
+    "byte (what a client waits on top: the socket and the event loop's backlog), by route and status",
+    ["route", "status"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60))
+ADMISSION_LIMIT = Gauge(
+    "barlow_admission_limit", "Images the workers admit in flight now (BARLOW_MAX_INFLIGHT_IMAGES, or less "
+    "to keep the wait near BARLOW_MAX_QUEUE_MS at the measured speed)", multiprocess_mode="livesum")

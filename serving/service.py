@@ -29,7 +29,7 @@ from starlette.routing import Route
 from serving import metrics
 from serving.batching import GPU_PROVIDERS, bucket_for, bucket_sizes, pad_rows
 from serving.drain import IdleDrain
-from serving.limits import Admission, Unavailable, body_deadline
+from serving.limits import Admission, Gate, Unavailable, body_deadline
 from serving.openapi import openapi_document
 from serving.requests import (EmbedRequest, RequestError, check_body_size, check_token, header_pixels,
                               l2_normalize, parse_base64_json, parse_multipart, preprocess_all, read_body)
@@ -116,6 +116,14 @@ async def docs(request: Request) -> JSONResponse:
     return JSONResponse(openapi_document(Embedder.openapi_spec.asdict(), service.settings))
 
 
+def current_admission() -> Admission | None:
+    """The worker's admission (None before the service is instantiated: nothing to protect yet)."""
+    try:
+        return bentoml.get_current_service().admission
+    except bentoml.exceptions.BentoMLException:
+        return None
+
+
 api = Starlette(routes=[
     Route("/docs.json", docs, methods=["GET"]),  # the mounted app's routes match before BentoML's
     Route("/embed", embed, methods=["POST"]),
@@ -127,7 +135,7 @@ api = Starlette(routes=[
 
 @bentoml.service(name="barlow-embed", workers=env_int("BARLOW_WORKERS", 1), traffic={"timeout": TIMEOUT_S},
                  runner_probe=NO_RUNNER_PROBE)
-@bentoml.asgi_app(api, path="/")
+@bentoml.asgi_app(Gate(api, current_admission, ("/embed", "/embed_base64")), path="/")
 class Embedder:
     """Public API: POST /embed, POST /embed_base64, POST /search, GET /model; BentoML adds /readyz /livez /metrics."""
 
@@ -139,14 +147,15 @@ class Embedder:
         self.name, self.dim, self.size = self.info["name"], int(self.info["dim"]), int(self.info["image_size"])
         Image.MAX_IMAGE_PIXELS = self.settings.max_pixels  # Pillow's own bomb guard agrees with ours
         self.decoders = anyio.CapacityLimiter(usable_cpus())  # decoding is CPU-bound: no more threads than CPUs
-        self.admission = Admission(self.settings.max_inflight_images)
+        self.admission = Admission(self.settings.max_inflight_images, self.settings.max_queue_ms / 1000)
         self.search_index = open_index(self.settings.index_dir, self.info)  # None: /search answers 404
         self.warm = False
         self.warm_lock = asyncio.Lock()
         metrics.MODEL_INFO.labels(self.name, self.info.get("onnx_sha256", ""), str(self.dim)).set(1)
-        logger.info("serving %s (dim %d, %d px); max %d images and %d pixels per image, %d images in flight; "
-                    "auth %s", self.name, self.dim, self.size, self.settings.max_images, self.settings.max_pixels,
-                    self.settings.max_inflight_images, "on" if self.settings.api_token else "off")
+        logger.info("serving %s (dim %d, %d px); max %d images and %d pixels per image, %d images in flight "
+                    "(fewer to keep the wait under %d ms); auth %s", self.name, self.dim, self.size,
+                    self.settings.max_images, self.settings.max_pixels, self.settings.max_inflight_images,
+                    self.settings.max_queue_ms, "on" if self.settings.api_token else "off")
 
     async def __is_ready__(self) -> bool:
         """Ready once one warm-up inference went through the whole path (socket, batcher, session),

@@ -1,7 +1,8 @@
 """Serving reliability through a real `barlow serve` (bentoml serve, one Embedder and one Encoder process).
 
 One server with a small admission limit (4 images in flight) and a 2 s body deadline serves the
-module: a flood gets fast JSON 503s with Retry-After and correct 200s; 256 slow-loris connections
+module: a flood gets fast JSON 503s with Retry-After and correct 200s; a full worker answers 503
+before the body arrives and keeps the connection; 256 slow-loris connections
 do not starve /embed and trickled bodies get 408; /docs.json documents every route and schemathesis
 finds no 5xx and no response off the schema; a SIGKILLed Encoder and a SIGKILLed Embedder worker are
 replaced by BentoML's supervisor and the service is ready and correct again. The kill tests run last.
@@ -29,6 +30,7 @@ from helpers_serving import encode, make_run_dir, photo, torch_embed, torch_refe
 from pipeline.export import export_model
 from pipeline.preprocess import load_array
 from pipeline.serve import PROJECT_ROOT, free_port, wait_ready
+from serving.limits import Admission, Unavailable
 
 pytestmark = pytest.mark.slow
 
@@ -104,6 +106,28 @@ def metric(url: str, name: str, **labels) -> float:
                if sample.name == name and labels.items() <= sample.labels.items())
 
 
+def test_admission_limit_follows_the_measured_speed_toward_the_target_wait():
+    admission = Admission(128, target_wait_s=0.5)
+    assert admission.limit == 128  # nothing measured yet: the cap
+    for _ in range(60):  # 40 images cleared per 0.5 s: 80 images/s -> 40 images wait 0.5 s
+        admission.observe(40, 0.5)
+    assert admission.limit == 40
+    for _ in range(60):  # the machine got busy: 10 images/s
+        admission.observe(10, 1.0)
+    assert admission.limit == 5
+    with admission.admit(5):
+        assert admission.full()
+        with pytest.raises(Unavailable):
+            with admission.admit(1):
+                pass
+    for _ in range(60):  # a fast device: the cap still holds
+        admission.observe(64, 0.01)
+    assert admission.limit == 128
+    fixed = Admission(4, target_wait_s=0)
+    fixed.observe(1, 10.0)
+    assert fixed.limit == 4
+
+
 def test_overload_is_a_fast_json_503_and_admitted_requests_are_correct(server, wanted):
     url = server[0]
     shed_before = metric(url, "barlow_shed_requests_total", reason="in_flight_limit")
@@ -130,6 +154,66 @@ def test_overload_is_a_fast_json_503_and_admitted_requests_are_correct(server, w
     assert metric(url, "barlow_shed_requests_total", reason="in_flight_limit") - shed_before == statuses.count(503)
     assert metric(url, "barlow_in_flight_images") == 0
     assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+
+
+def multipart(blobs: list[bytes]) -> bytes:
+    parts = [b'--b\r\nContent-Disposition: form-data; name="images"; filename="x.jpg"\r\n\r\n' + blob + b"\r\n"
+             for blob in blobs]
+    return b"".join(parts) + b"--b--\r\n"
+
+
+def test_a_full_worker_answers_503_before_the_body_and_keeps_the_connection(server, wanted):
+    """While 64-image requests keep the worker over its 4-image limit, a request whose body has not
+    arrived gets its JSON 503 at once (the gate does not wait for or parse the body); the client then
+    finishes sending and reuses the same connection: uvicorn discarded the rest, nothing was reset."""
+    url = server[0]
+    port = int(url.rsplit(":", 1)[1])
+    big = [("images", (f"{i}.jpg", IMAGES[i % len(IMAGES)])) for i in range(64)]
+    stop, big_statuses = threading.Event(), []
+
+    def keep_full() -> None:
+        while not stop.is_set():
+            big_statuses.append(httpx.post(f"{url}/embed", files=big, timeout=60).status_code)
+
+    body = multipart(IMAGES[:2])
+    head = (f"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    fillers = [threading.Thread(target=keep_full) for _ in range(2)]
+    for thread in fillers:
+        thread.start()
+    answer, seconds = b"", None
+    try:
+        for _ in range(40):  # until one probe lands while the worker is full
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sock.sendall(head + body[:100])
+                sock.settimeout(0.5)
+                start = time.monotonic()
+                try:
+                    answer = sock.recv(65536)
+                except TimeoutError:  # not full when it arrived: it waits for its body; try again
+                    continue
+                seconds = time.monotonic() - start
+                assert answer.startswith(b"HTTP/1.1 503"), answer[:300]
+                sock.settimeout(30)
+                sock.sendall(body[100:] + b"GET /model HTTP/1.1\r\nHost: x\r\n\r\n")
+                following = b""
+                while b"\r\n\r\n" not in following:
+                    following += sock.recv(65536)
+                assert following.startswith(b"HTTP/1.1 200"), following[:300]
+                break
+    finally:
+        stop.set()
+        for thread in fillers:
+            thread.join()
+    assert seconds is not None, "no probe arrived while 64-image requests filled the worker"
+    assert seconds < 0.5
+    head_part, _, json_part = answer.partition(b"\r\n\r\n")
+    assert b"retry-after: 1" in head_part.lower()
+    reply = json.loads(json_part)
+    assert reply["index"] is None and "at capacity" in reply["error"]
+    assert 200 in big_statuses and set(big_statuses) <= {200, 503}
+    assert metric(url, "barlow_request_seconds_count", route="/embed", status="503") >= 1
+    assert metric(url, "barlow_in_flight_images") == 0
 
 
 def test_slow_loris_connections_do_not_starve_embed_and_slow_bodies_get_408(server, wanted):
