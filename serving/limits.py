@@ -4,7 +4,8 @@ Overload is answered at once instead of queued: a request whose images would tak
 its admission limit (images being decoded or waiting for the encoder) gets 503 with a JSON reason
 and `Retry-After`, because a queue past capacity only adds wait (Little's law: wait = images in
 flight / images per second) until every client times out. The limit is BARLOW_MAX_INFLIGHT_IMAGES,
-lowered to what the measured speed clears in BARLOW_MAX_QUEUE_MS (default 1000). Images are counted
+lowered to what the measured speed clears in BARLOW_MAX_QUEUE_MS (default 1000), but never below one
+full batch (BARLOW_MAX_BATCH), so light traffic and cold starts never see 503s. Images are counted
 after the body is read, so a slow upload never holds a slot; while the worker is full, `Gate`
 answers 503 before reading the body at all, so a flood of rejections costs the event loop little.
 The batcher's BARLOW_MAX_LATENCY_MS bound sheds what slips past (503).
@@ -65,10 +66,14 @@ class Admission:
     requests as (images ahead of it + its own) / its time from admission to embedding, smoothed.
     So the bound follows the real speed: a GPU or an idle machine admits up to `max_limit`, a CPU
     starved by other work admits less, and an admitted request waits about the target, not more.
+    It never falls below `min_limit` (the service: one full batch), because a rate measured on a cold
+    start or from small batches underestimates what a full batch clears, and light traffic must not
+    see 503s.
     """
 
-    def __init__(self, max_limit: int, target_wait_s: float = 0.0):
+    def __init__(self, max_limit: int, target_wait_s: float = 0.0, min_limit: int = 1):
         self.max_limit, self.limit, self.target_wait_s = max_limit, max_limit, target_wait_s
+        self.min_limit = max(1, min(min_limit, max_limit))
         self.in_flight, self.rate = 0, 0.0
         metrics.ADMISSION_LIMIT.set(self.limit)
 
@@ -102,7 +107,7 @@ class Admission:
             return
         sample = images / seconds
         self.rate = sample if not self.rate else self.rate + SMOOTHING * (sample - self.rate)
-        self.limit = max(1, min(self.max_limit, round(self.rate * self.target_wait_s)))
+        self.limit = max(self.min_limit, min(self.max_limit, round(self.rate * self.target_wait_s)))
         metrics.ADMISSION_LIMIT.set(self.limit)
 
 

@@ -147,7 +147,8 @@ class Embedder:
         self.name, self.dim, self.size = self.info["name"], int(self.info["dim"]), int(self.info["image_size"])
         Image.MAX_IMAGE_PIXELS = self.settings.max_pixels  # Pillow's own bomb guard agrees with ours
         self.decoders = anyio.CapacityLimiter(usable_cpus())  # decoding is CPU-bound: no more threads than CPUs
-        self.admission = Admission(self.settings.max_inflight_images, self.settings.max_queue_ms / 1000)
+        self.admission = Admission(self.settings.max_inflight_images, self.settings.max_queue_ms / 1000,
+                                   min_limit=MAX_BATCH)
         self.search_index = open_index(self.settings.index_dir, self.info)  # None: /search answers 404
         self.warm = False
         self.warm_lock = asyncio.Lock()

@@ -123,6 +123,9 @@ def test_admission_limit_follows_the_measured_speed_toward_the_target_wait():
     for _ in range(60):  # a fast device: the cap still holds
         admission.observe(64, 0.01)
     assert admission.limit == 128
+    floored = Admission(128, target_wait_s=0.5, min_limit=64)  # the service floors at one full batch
+    floored.observe(1, 2.0)  # a cold first request: 0.5 images/s
+    assert floored.limit == 64
     fixed = Admission(4, target_wait_s=0)
     fixed.observe(1, 10.0)
     assert fixed.limit == 4
