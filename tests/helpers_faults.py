@@ -198,9 +198,6 @@ class Reference:
     startup_s: float
     step_s: float
 
-    def expected_seconds(self, from_step: int) -> float:
-        return self.startup_s + (self.steps - from_step) * self.step_s
-
 
 def reference_run(shards: Path, out: Path, steps: int, checkpoint_every: int) -> Reference:
     attempt = start(train_args(shards, out, steps, checkpoint_every), out.parent / f"{out.name}.log")
@@ -248,22 +245,28 @@ def finish_and_compare(reference: Reference, run_dir: Path, log: Path, context: 
 def train_random_kills(reference: Reference, run_dir: Path, kills: int, seed: int, max_attempts: int = 0) -> dict:
     """kill -9 a resumable training run `kills` times at seeded random moments, then let it finish.
 
-    Each delay is uniform in [0, 0.8] of the time the attempt should take (start-up + remaining steps,
-    from the reference), so the kills spread over start-up/resume, steps and checkpoint writes. After
-    each kill the checkpoint on disk must load and must not have gone back.
+    Each delay is uniform in [0, 0.8] of the time the attempt should take: start-up plus the remaining
+    steps at the reference's pace. Start-up begins as the reference's and follows what the attempts show
+    (a resume also loads the checkpoint), so the kills spread over start-up/resume, steps and checkpoint
+    writes. After each kill the checkpoint on disk must load and must not have gone back.
     """
     rng = random.Random(seed)
     args = [run_dir.as_posix() if a == reference.run_dir.as_posix() else a for a in reference.args]
-    records, attempts = [], 0
+    records, attempts, startup_s = [], 0, reference.startup_s
     context = f"seed {seed}"
     while len(records) < kills and attempts < (max_attempts or 3 * kills):
         attempts += 1
         before = checkpoint_step(run_dir) or 0
-        logged_before = metric_steps(run_dir)
-        delay = rng.uniform(0.0, 0.8) * reference.expected_seconds(before)
+        logged_before, temps_before = metric_steps(run_dir), temp_files(run_dir)
+        delay = rng.uniform(0.0, 0.8) * (startup_s + (reference.steps - before) * reference.step_s)
         attempt = start(args, run_dir.parent / f"{run_dir.name}-attempt-{attempts}.log")
+        first_step_s = None
         while attempt.alive() and time.monotonic() - attempt.started < delay:
+            now = metric_steps(run_dir)
+            if first_step_s is None and now != logged_before and max(now, default=0) > before:
+                first_step_s = time.monotonic() - attempt.started  # this attempt's start-up, seen
             time.sleep(0.005)
+        startup_s = first_step_s if first_step_s is not None else max(startup_s, delay)
         if not attempt.alive():  # finished (or failed) before the kill
             code = attempt.wait()
             assert code == 0, f"{context}: attempt {attempts} failed without a kill: {attempt.text()[-3000:]}"
@@ -271,11 +274,12 @@ def train_random_kills(reference: Reference, run_dir: Path, kills: int, seed: in
             break
         logged = metric_steps(run_dir)
         attempt.kill9()
-        in_write = [n for n in temp_files(run_dir) if n.startswith(".last.pt.")]
+        in_write = [n for n in temp_files(run_dir) if n.startswith(".last.pt.") and n not in temps_before]
         after = checkpoint_step(run_dir) or 0  # raises if the kill left last.pt unloadable
         assert after >= before, f"{context}: last.pt went back from step {before} to {after}"
         stepped = logged != logged_before and max(logged, default=0) > before  # this attempt logged a step
-        phase = "checkpoint write" if in_write else ("training" if stepped else "start-up/resume")
+        phase = ("checkpoint write" if in_write else "after the last step" if after == reference.steps > before
+                 else "training" if stepped else "start-up/resume")
         records.append({"delay_s": round(delay, 3), "killed": True, "phase": phase, "checkpoint_step_before": before,
                         "checkpoint_step_after": after, "last_logged_step": max(logged, default=0)})
         context = f"seed {seed}, kills {[(r['delay_s'], r.get('phase')) for r in records]}"
@@ -328,7 +332,7 @@ def checkpoint_file_size_limit(reference: Reference, run_dir: Path) -> dict:
     assert not temp_files(run_dir), temp_files(run_dir)
     result = finish_and_compare(reference, run_dir, run_dir.parent / f"{run_dir.name}-resumed.log",
                                 "file-size limit during checkpoint save")
-    return {"injected": 1, "survived": 1, "file_size_limit_bytes": limit, "error": message,
+    return {"injected": 1, "survived": 1, "file_size_limit_bytes": limit, "message": message,
             "previous_checkpoint_step": before,
             "checked_against": "exit 2 with one sentence, no traceback; last.pt unchanged and loadable; no temp file; "
                                "a rerun without the limit ends " + TRAIN_KILLS_CHECKED, **result}
@@ -383,68 +387,100 @@ def read_embeddings(out: Path) -> dict[str, list[float]]:
     return rows
 
 
-def embed_random_kills(model_dir: Path, shards: Path, work: Path, kills: int, seed: int, write_kills: int = 1) -> dict:
-    """kill -9 `barlow embed` at seeded moments: first right at start, then at random, then `write_kills`
-    times from inside a part's write; a rerun must leave every key exactly once, equal to an uninterrupted run."""
+def kill_plan(kills: int, write_kills: int) -> list[str]:
+    """'start' first, then 'part write' kills spread among 'random' ones, early enough to find parts to do."""
+    step = max(1, (kills - 1) // max(write_kills, 1))
+    plan, writes = ["start"], 0
+    for i in range(kills - 1):
+        take = writes < write_kills and i % step == 0
+        writes += take
+        plan.append("part write" if take else "random")
+    return plan
+
+
+def finish_embedding(model_dir: Path, shards: Path, out: Path, expected: dict, log: Path, context: str) -> float:
+    """Rerun into `out`: every key of `expected` exactly once, in valid parts, with its embedding (max diff)."""
     import numpy as np
 
+    code, output, _ = run(embed_args(model_dir, shards, out), log)
+    assert code == 0, f"{context}: the rerun failed: {output[-3000:]}"
+    rows = read_embeddings(out)
+    assert sorted(rows) == sorted(expected), f"{context}: keys differ from an uninterrupted run"
+    worst = max(float(np.abs(np.array(rows[k]) - np.array(expected[k])).max()) for k in expected)
+    assert worst < 1e-6, f"{context}: embeddings differ from an uninterrupted run by {worst}"
+    assert not temp_files(out), f"{context}: temp files left: {temp_files(out)}"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["count"] == len(expected), f"{context}: manifest count {manifest['count']}"
+    return worst
+
+
+def embed_random_kills(model_dir: Path, shards: Path, work: Path, kills: int, seed: int, write_kills: int = 1) -> dict:
+    """kill -9 `barlow embed` `kills` times: right at start, from inside a part's write (`write_kills` times) and
+    at seeded random moments; a rerun must leave every key exactly once, equal to an uninterrupted run.
+
+    A random delay is uniform in [0, 1] of the time the attempt should take: the reference run's time to its
+    first part (start-up) plus the share of parts still to do of the rest. When an attempt got every part
+    written before its kill, that EMB_DIR is checked and the next kills go to a fresh one (a new round).
+    """
     rng = random.Random(seed)
     reference = work / "reference"
-    code, output, seconds = run(embed_args(model_dir, shards, reference), work / "reference.log")
-    assert code == 0, output[-3000:]
+    attempt = start(embed_args(model_dir, shards, reference), work / "reference.log")
+    first_part_s = None
+    while attempt.alive():
+        if first_part_s is None and list(reference.glob("part-*.parquet")):
+            first_part_s = time.monotonic() - attempt.started
+        time.sleep(0.005)
+    code, seconds = attempt.wait(), time.monotonic() - attempt.started
+    assert code == 0, attempt.text()[-3000:]
+    first_part_s = first_part_s or seconds
     expected = read_embeddings(reference)
     part_bytes = min(p.stat().st_size for p in reference.glob("part-*.parquet"))
     parts_total = len(list(reference.glob("part-*.parquet")))
 
-    out = work / "emb"
-    plan = [("start", 0.0)] + [("random", rng.uniform(0.0, 0.9) * seconds) for _ in range(kills - 1 - write_kills)]
-    plan += [("part write", None)] * write_kills
-    records = []
-    for number, (how, delay) in enumerate(plan, 1):
+    rounds, worst, records = 1, 0.0, []
+    out = work / "emb-1"
+    for number, how in enumerate(kill_plan(kills, write_kills), 1):
+        context = f"seed {seed}, kill {number} ({how}), round {rounds}"
+        if out.exists() and not parts_total - len(list(out.glob("part-*.parquet"))):
+            worst = max(worst, finish_embedding(model_dir, shards, out, expected, work / f"round-{rounds}.log", context))
+            rounds += 1
+            out = work / f"emb-{rounds}"
         done = len(read_embeddings(out)) if out.exists() else 0
+        todo = parts_total - len(list(out.glob("part-*.parquet")))
+        temps_before = temp_files(out)  # a torn part of an earlier kill stays until a run starts on its shard
         log = work / f"attempt-{number}.log"
-        if delay is None:
-            todo = parts_total - len(list(out.glob("part-*.parquet")))
-            if todo < 1:
-                records.append({"how": how, "killed": False})
-                continue
+        if how == "part write":
             nth = rng.randint(1, todo)
             code, output, _ = run(embed_args(model_dir, shards, out), log,
                                   write_kill={"pattern": ".part-", "nth": nth, "after_bytes": part_bytes // 2})
             killed = code == -signal.SIGKILL
-            assert killed or code == 0, f"seed {seed}: {output[-3000:]}"
-            torn = [n for n in temp_files(out) if n.startswith(".part-")]
-            assert not killed or torn, f"seed {seed}: the kill in part write {nth} left no torn temp file"
-            records.append({"how": how, "killed": killed, "in_part_write": killed, "nth_part": nth,
+            assert killed, f"{context}: part write {nth} of {todo} was not killed (exit {code}): {output[-3000:]}"
+            torn = [n for n in temp_files(out) if n.startswith(".part-") and n not in temps_before]
+            assert torn, f"{context}: the kill in part write {nth} left no torn temp file"
+            records.append({"how": how, "killed": True, "in_part_write": True, "nth_part": nth,
                             "after_bytes": part_bytes // 2})
         else:
+            expected_s = first_part_s + (seconds - first_part_s) * todo / parts_total
+            delay = 0.0 if how == "start" else rng.uniform(0.0, 1.0) * expected_s
             attempt = start(embed_args(model_dir, shards, out), log)
             while attempt.alive() and time.monotonic() - attempt.started < delay:
                 time.sleep(0.002)
             killed = attempt.alive()
             attempt.kill9()
-            torn = [n for n in temp_files(out) if n.startswith(".part-")]
+            torn = [n for n in temp_files(out) if n.startswith(".part-") and n not in temps_before]
             records.append({"how": how, "delay_s": round(delay, 3), "killed": killed, "in_part_write": bool(torn)})
         now = read_embeddings(out) if out.exists() else {}  # every part on disk is valid parquet, keys once
-        assert len(now) >= done, f"seed {seed}: embeddings went from {done} to {len(now)}"
-        records[-1]["parts_on_disk"] = len(list(out.glob("part-*.parquet")))
+        assert len(now) >= done, f"{context}: embeddings went from {done} to {len(now)}"
+        records[-1].update(round=rounds, parts_to_do_before=todo, parts_on_disk=len(list(out.glob("part-*.parquet"))))
 
-    code, output, _ = run(embed_args(model_dir, shards, out), work / "final.log")
-    assert code == 0, f"seed {seed}: the rerun failed: {output[-3000:]}"
-    rows = read_embeddings(out)
-    assert sorted(rows) == sorted(expected), f"seed {seed}: keys differ from an uninterrupted run"
-    worst = max(float(np.abs(np.array(rows[k]) - np.array(expected[k])).max()) for k in expected)
-    assert worst < 1e-6, f"seed {seed}: embeddings differ from an uninterrupted run by {worst}"
-    assert not temp_files(out), f"seed {seed}: temp files left: {temp_files(out)}"
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["count"] == len(expected), manifest["count"]
+    worst = max(worst, finish_embedding(model_dir, shards, out, expected, work / "final.log", f"seed {seed}"))
     landed = [r for r in records if r["killed"]]
-    return {"injected": len(landed), "survived": len(landed), "seed": seed, "keys": len(expected),
+    return {"injected": len(landed), "survived": len(landed), "seed": seed, "keys": len(expected), "rounds": rounds,
             "kills_in_part_write": sum(1 for r in landed if r["in_part_write"]),
             "max_abs_diff": worst, "kills": records,
-            "checked_against": "after a rerun: every key of an uninterrupted run exactly once across the parts, each "
-                               "part readable by pyarrow, embeddings within 1e-6 of the uninterrupted run, "
-                               "manifest count equal, no temp files"}
+            "checked_against": "after a rerun (each round): every key of an uninterrupted run exactly once across the "
+                               "parts, each part readable by pyarrow, embeddings within 1e-6 of the uninterrupted run, "
+                               "manifest count equal, no temp files; after each kill: parts on disk readable, keys once"}
 
 
 if __name__ == "__main__":

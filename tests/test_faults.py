@@ -51,7 +51,7 @@ def test_checkpoint_save_killed_halfway_keeps_the_previous_one(reference, tmp_pa
 
 def test_checkpoint_save_refused_by_file_size_limit_is_one_sentence_and_resumable(reference, tmp_path):
     result = checkpoint_file_size_limit(reference, tmp_path / "run")
-    assert "File too large" in result["error"] and "last.pt" in result["error"]
+    assert "File too large" in result["message"] and "last.pt" in result["message"]
     assert result["previous_checkpoint_step"] >= CHECKPOINT_EVERY and result["bit_identical"]
 
 
