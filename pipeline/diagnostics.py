@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,9 @@ class MetricsLog:
         self.path = path
         if path.exists():  # a killed run may have logged steps after its last checkpoint: they are redone
             kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a kill mid-rewrite keeps the old file
+            temp.write_text("".join(line + "\n" for line in kept))
+            os.replace(temp, path)
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as file:
