@@ -5,6 +5,7 @@ Benchmarks run as scripts (`python bench/NAME.py`), so this module is imported b
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,6 +23,18 @@ def commit() -> str:
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get("BARLOW_COMMIT", "unknown")
+
+
+def merge_record(path: Path, key: str, value: dict) -> dict:
+    """Set `key` in the JSON record at `path`, keeping what other benchmarks wrote there (one file gathers
+    several, e.g. reliability-<date>.json); read just before an atomic replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = json.loads(path.read_text()) if path.exists() else {}
+    record[key] = value
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+    return record
 
 
 def device_label(on_gpu: bool) -> str:

@@ -13,30 +13,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, ROOT, commit, device_label, random_model  # noqa: E402  (puts the repo on sys.path)
+from common import RESULTS, ROOT, commit, device_label, merge_record, random_model  # noqa: E402  (puts the repo on sys.path)
 
 sys.path.insert(0, str(ROOT / "tests"))
 from helpers_faults import (checkpoint_file_size_limit, checkpoint_kill_during_save, embed_random_kills,  # noqa: E402
                             reference_run, shard_faults_mid_epoch, train_random_kills)
 from pipeline.shards import write_shards  # noqa: E402
-
-
-def merge_record(path: Path, key: str, value: dict) -> dict:
-    """Set `key` in the JSON record at `path`, keeping every other key; read just before an atomic replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = json.loads(path.read_text()) if path.exists() else {}
-    record[key] = value
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
-    return record
 
 
 def scenario(name: str, injected_if_failed: int, function, *args, **kwargs) -> dict:

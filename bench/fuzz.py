@@ -17,20 +17,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from common import RESULTS, ROOT, commit, device_label, random_model  # noqa: E402  (puts the repo on sys.path)
+from common import RESULTS, ROOT, commit, device_label, merge_record, random_model  # noqa: E402  (puts the repo on sys.path)
 
 sys.path.insert(0, str(ROOT / "tests"))
 from helpers_fuzz import check_response, hostile_image, seed_images  # noqa: E402
 from pipeline.serve import start_server  # noqa: E402
-
-
-def merge_record(path: Path, key: str, value: dict) -> dict:
-    """Add `key` to the JSON record at `path`, keeping what other benchmarks wrote there."""
-    record = json.loads(path.read_text()) if path.exists() else {}
-    record[key] = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    return record
 
 
 def fuzz(url: str, cases: int, seed: int, failures_dir: Path) -> dict:

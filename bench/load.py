@@ -32,8 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import RESULTS, commit, device_label, random_model  # noqa: E402  (puts the repo on sys.path)
-from fuzz import merge_record  # noqa: E402
+from common import RESULTS, commit, device_label, merge_record, random_model  # noqa: E402  (puts the repo on sys.path)
 from serve_throughput import jpegs  # noqa: E402
 from pipeline.serve import start_server  # noqa: E402
 

@@ -18,8 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, commit, device_label, random_model  # noqa: E402  (puts the repo on sys.path)
-from fuzz import merge_record  # noqa: E402
+from common import RESULTS, commit, device_label, merge_record, random_model  # noqa: E402  (puts the repo on sys.path)
 from pipeline.serve import start_server  # noqa: E402
 
 CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,"
