@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-FMNIST := /usr/share/datasets/fashion-mnist
+FMNIST := $(or $(BARLOW_FASHION_MNIST_DIR),/usr/share/datasets/fashion-mnist)
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 

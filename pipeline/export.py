@@ -32,13 +32,13 @@ from pipeline.checkpoint import load_encoder
 from pipeline.errors import UserError
 from pipeline.preprocess import image_to_array, load_array
 from pipeline.runtime import MODEL_FORMAT  # the writer and the reader share one format tag
+from pipeline.shards import fashion_mnist_dir
 
 logger = logging.getLogger(__name__)
 
 INPUT_NAME, OUTPUT_NAME = "images", "embedding"
 DEFAULT_TOLERANCE = 1e-4  # max |onnx - torch| / max |torch|; seen: ~1e-7 (resnet18), ~4e-7 (resnet50)
 PARITY_BATCHES = (1, 8)
-FASHION_MNIST_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 
 
 class ImageEncoder(nn.Module):
@@ -87,8 +87,9 @@ def real_images(count: int, size: int, paths: list[Path] | None = None) -> tuple
         while len(arrays) < count:
             arrays += arrays[: count - len(arrays)]
         return np.stack(arrays), f"{len(blobs)} user images"
-    if FASHION_MNIST_TEST.is_file():
-        with gzip.open(FASHION_MNIST_TEST, "rb") as file:
+    fashion_mnist_test = fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz"
+    if fashion_mnist_test.is_file():
+        with gzip.open(fashion_mnist_test, "rb") as file:
             raw = file.read(16 + count * 28 * 28)
         pixels = np.frombuffer(raw[16:], dtype=np.uint8).reshape(count, 28, 28)
         return np.stack([load_array(_png(Image.fromarray(p)), size) for p in pixels]), "fashion-mnist t10k"

@@ -27,7 +27,13 @@ from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # where the Debian package installs it
+
+
+def fashion_mnist_dir() -> Path:
+    """BARLOW_FASHION_MNIST_DIR (the four .gz files copied elsewhere, e.g. where apt cannot run), else the
+    Debian package's folder."""
+    return Path(os.environ.get("BARLOW_FASHION_MNIST_DIR") or FASHION_MNIST_DIR)
 FASHION_MNIST_FILES = {"train": "train", "test": "t10k"}
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -71,16 +77,18 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
     return payload.reshape(shape)
 
 
-def read_fashion_mnist(split: str, root: Path = FASHION_MNIST_DIR) -> tuple[np.ndarray, np.ndarray]:
+def read_fashion_mnist(split: str, root: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST `train` or `test` as (images uint8 [N, 28, 28], labels int64 [N])."""
     if split not in FASHION_MNIST_FILES:
         raise UserError(f"unknown Fashion-MNIST split {split!r}; use train or test")
+    root = Path(root) if root is not None else fashion_mnist_dir()
     stem = FASHION_MNIST_FILES[split]
     images_path = root / f"{stem}-images-idx3-ubyte.gz"
     labels_path = root / f"{stem}-labels-idx1-ubyte.gz"
     if not images_path.is_file() or not labels_path.is_file():
         raise UserError(
-            f"Fashion-MNIST is not installed in {root}; run `sudo apt-get install dataset-fashion-mnist`"
+            f"Fashion-MNIST is not installed in {root}; run `sudo apt-get install dataset-fashion-mnist` "
+            "or set BARLOW_FASHION_MNIST_DIR to a folder with its four .gz files"
         )
     images = _read_idx(images_path, 0x803)
     labels = _read_idx(labels_path, 0x801).astype(np.int64)

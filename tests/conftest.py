@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 def random_image(seed: int, size: tuple[int, int] = (24, 20), mode: str = "RGB") -> Image.Image:
@@ -40,10 +39,14 @@ def image_bytes_fixture():
 
 @pytest.fixture(scope="session")
 def fashion_mnist() -> Path:
-    """The Debian package's Fashion-MNIST folder; skips the test when it is not installed."""
-    if not (FASHION_MNIST / "t10k-images-idx3-ubyte.gz").is_file():
+    """Fashion-MNIST's folder (the Debian package's, or BARLOW_FASHION_MNIST_DIR); skips the test when it is
+    not installed."""
+    from pipeline.shards import fashion_mnist_dir
+
+    folder = fashion_mnist_dir()
+    if not (folder / "t10k-images-idx3-ubyte.gz").is_file():
         pytest.skip("Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist")
-    return FASHION_MNIST
+    return folder
 
 
 @pytest.fixture(scope="session")

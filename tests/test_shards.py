@@ -109,6 +109,16 @@ def test_missing_fashion_mnist_names_the_package(tmp_path):
         read_fashion_mnist("train", root=tmp_path)
 
 
+def test_fashion_mnist_dir_comes_from_the_environment(tmp_path, monkeypatch, fashion_mnist):
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (tmp_path / name).symlink_to(fashion_mnist / name)
+    monkeypatch.setenv("BARLOW_FASHION_MNIST_DIR", str(tmp_path))
+    images, labels = read_fashion_mnist("test")
+    assert images.shape == (10_000, 28, 28) and labels.max() == 9
+    with pytest.raises(UserError, match=f"not installed in {tmp_path}.*BARLOW_FASHION_MNIST_DIR"):
+        read_fashion_mnist("train")  # only the test split was copied there
+
+
 def test_cli_summary_refuses_to_overwrite_and_overwrites(class_folder, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["shards", str(class_folder), "--out", str(out), "--per-shard", "4"]) == 0
