@@ -33,6 +33,15 @@ def make_run_dir(run_dir: Path, preset: str = "fmnist", seed: int = 0) -> Path:
     return run_dir
 
 
+def exported_model(base: Path, name: str) -> tuple[Path, Path]:
+    """A random fmnist-size RUN_DIR (base/run-<name>) and its exported MODEL_DIR (base/model)."""
+    from pipeline.export import export_model
+
+    run_dir = make_run_dir(base / f"run-{name}")
+    export_model(run_dir, base / "model")
+    return run_dir, base / "model"
+
+
 def torch_reference(run_dir: Path) -> ImageEncoder:
     """The torch encoder exactly as export wraps it: uint8 RGB in, backbone features out."""
     backbone, config = load_encoder(run_dir / "encoder.pt")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,8 +27,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers_serving import encode, make_run_dir, photo, torch_embed, torch_reference
-from pipeline.export import export_model
+from helpers_serving import encode, exported_model, photo, torch_embed, torch_reference
 from pipeline.preprocess import load_array
 from pipeline.serve import PROJECT_ROOT, free_port, wait_ready
 from serving.limits import Admission, Unavailable
@@ -42,10 +42,7 @@ IMAGES = [encode(photo(300 + i), "JPEG", quality=90) for i in range(16)]
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    base = tmp_path_factory.mktemp("reliability")
-    run_dir = make_run_dir(base / "run-rel")
-    export_model(run_dir, base / "model")
-    return run_dir, base / "model"
+    return exported_model(tmp_path_factory.mktemp("reliability"), "rel")
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +162,17 @@ def multipart(blobs: list[bytes]) -> bytes:
     return b"".join(parts) + b"--b--\r\n"
 
 
+def read_response(sock: socket.socket, data: bytes = b"") -> tuple[bytes, bytes]:
+    """One whole HTTP/1.1 response (head and Content-Length body) from `sock`, and the bytes read past it."""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return head + b"\r\n\r\n" + rest[:length], rest[length:]
+
+
 def test_a_full_worker_answers_503_before_the_body_and_keeps_the_connection(server, wanted):
     """While 64-image requests keep the worker over its 4-image limit, a request whose body has not
     arrived gets its JSON 503 at once (the gate does not wait for or parse the body); the client then
@@ -196,12 +204,11 @@ def test_a_full_worker_answers_503_before_the_body_and_keeps_the_connection(serv
                 except TimeoutError:  # not full when it arrived: it waits for its body; try again
                     continue
                 seconds = time.monotonic() - start
-                assert answer.startswith(b"HTTP/1.1 503"), answer[:300]
                 sock.settimeout(30)
+                answer, early = read_response(sock, answer)  # its head and body may come in separate reads
+                assert answer.startswith(b"HTTP/1.1 503"), answer[:300]
                 sock.sendall(body[100:] + b"GET /model HTTP/1.1\r\nHost: x\r\n\r\n")
-                following = b""
-                while b"\r\n\r\n" not in following:
-                    following += sock.recv(65536)
+                following, _ = read_response(sock, early)
                 assert following.startswith(b"HTTP/1.1 200"), following[:300]
                 break
     finally:

@@ -25,9 +25,8 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers_serving import encode, make_run_dir, photo, sample_images, torch_embed, torch_reference
+from helpers_serving import encode, exported_model, photo, sample_images, torch_embed, torch_reference
 from pipeline.errors import UserError
-from pipeline.export import export_model
 from pipeline.preprocess import load_array
 from pipeline.serve import PROJECT_ROOT, free_port, start_server, wait_ready
 from serving.batching import bucket_for, bucket_sizes, pad_rows
@@ -47,10 +46,7 @@ def bentoml_env(tmp: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    base = tmp_path_factory.mktemp("serve")
-    run_dir = make_run_dir(base / "run-serve")
-    export_model(run_dir, base / "model")
-    return run_dir, base / "model"
+    return exported_model(tmp_path_factory.mktemp("serve"), "serve")
 
 
 @pytest.fixture(scope="module")
