@@ -40,9 +40,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import gpu_views as G  # noqa: E402
+from pipeline.data import gpu_views as G  # noqa: E402
 from pipeline.config import ViewConfig  # noqa: E402
-from pipeline.views import blur_kernel_size  # noqa: E402
+from pipeline.data.views import blur_kernel_size  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

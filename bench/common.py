@@ -50,11 +50,11 @@ def device_label(on_gpu: bool) -> str:
 
 def random_model(out: Path, arch: str, image_size: int) -> Path:
     """Export a randomly initialised encoder to out/model: speed does not depend on the weights."""
-    from pipeline.checkpoint import save_encoder
+    from pipeline.train.checkpoint import save_encoder
     from pipeline.config import Config
     from pipeline.export import export_model
-    from pipeline.model import build_encoder
-    from pipeline.presets import PRESETS
+    from pipeline.train.model import build_encoder
+    from pipeline.train.presets import PRESETS
 
     config = Config.from_dict(PRESETS["fmnist" if image_size <= 64 else "imagenet"])
     config.model.arch, config.views.image_size = arch, image_size

@@ -98,7 +98,7 @@ def raw_images_per_s(model_dir: Path, provider: str, batch: int, seconds: float)
 
 
 def bench_embed(args: argparse.Namespace, work: Path) -> dict:
-    from pipeline.embed import embed
+    from pipeline.embed.embed import embed
 
     model_dir = args.model_dir or random_model(work, args.arch, args.image_size)
     info = json.loads((Path(model_dir) / "model.json").read_text())
@@ -159,8 +159,8 @@ def bench_search(sizes: list[int], dims: list[int], queries: int, threads: int, 
     Flat's single-query latency is timed on the first `flat_timed` queries (a scan of N x D each)."""
     import faiss
 
-    from pipeline.index import new_index, training_size
-    from pipeline.search import apply_search_params
+    from pipeline.embed.index import new_index, training_size
+    from pipeline.embed.search import apply_search_params
 
     faiss.omp_set_num_threads(threads)
 

@@ -28,7 +28,7 @@ from common import RESULTS, ROOT, commit, device_label, merge_record, random_mod
 sys.path.insert(0, str(ROOT / "tests"))
 from helpers_faults import (checkpoint_file_size_limit, checkpoint_kill_during_save, embed_random_kills,  # noqa: E402
                             reference_run, shard_faults_mid_epoch, train_random_kills)
-from pipeline.shards import write_shards  # noqa: E402
+from pipeline.data.shards import write_shards  # noqa: E402
 
 
 def scenario(name: str, injected_if_failed: int, function, *args, **kwargs) -> dict:

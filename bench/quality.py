@@ -38,11 +38,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import train  # noqa: E402
+from pipeline.train import loop as train  # noqa: E402
 from pipeline.config import Config, apply, parse_overrides  # noqa: E402
-from pipeline.evaluate import evaluate  # noqa: E402
-from pipeline.presets import PRESETS  # noqa: E402
-from pipeline.shards import write_shards  # noqa: E402
+from pipeline.evaluate.run import evaluate  # noqa: E402
+from pipeline.train.presets import PRESETS  # noqa: E402
+from pipeline.data.shards import write_shards  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"

@@ -31,13 +31,14 @@ from PIL import Image
 
 from common import RESULTS, commit, device_label  # noqa: E402  (also puts the repo on sys.path)
 
-from pipeline import gpu_views, stream  # noqa: E402
+from pipeline.data import gpu_views
+from pipeline.data import stream  # noqa: E402
 from pipeline.config import Config, apply  # noqa: E402
-from pipeline.model import BarlowTwins  # noqa: E402
-from pipeline.optim import build_optimizer, set_lr  # noqa: E402
-from pipeline.presets import PRESETS  # noqa: E402
-from pipeline.train import training_step  # noqa: E402
-from pipeline.views import TwoViews  # noqa: E402
+from pipeline.train.model import BarlowTwins  # noqa: E402
+from pipeline.train.optim import build_optimizer, set_lr  # noqa: E402
+from pipeline.train.presets import PRESETS  # noqa: E402
+from pipeline.train.loop import training_step  # noqa: E402
+from pipeline.data.views import TwoViews  # noqa: E402
 
 
 

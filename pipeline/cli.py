@@ -15,15 +15,15 @@ import sys
 from pipeline.errors import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "shards": ("pipeline.shards", "write WebDataset shards from an image folder or Fashion-MNIST"),
-    "train": ("pipeline.train", "Barlow Twins pretraining; writes RUN_DIR with checkpoints and encoder.pt"),
+    "shards": ("pipeline.data.shards", "write WebDataset shards from an image folder or Fashion-MNIST"),
+    "train": ("pipeline.train.loop", "Barlow Twins pretraining; writes RUN_DIR with checkpoints and encoder.pt"),
     "demo": ("pipeline.demo", "the whole flow on Fashion-MNIST, sized for a laptop"),
     "export": ("pipeline.export", "export RUN_DIR/encoder.pt to MODEL_DIR (ONNX + model.json) with a parity check"),
     "serve": ("pipeline.serve", "serve MODEL_DIR as the /embed HTTP API (bentoml serve serving.service:Embedder)"),
-    "eval": ("pipeline.evaluate", "kNN or linear-probe accuracy of MODEL_DIR or RUN_DIR features on labelled data"),
-    "embed": ("pipeline.embed", "embed image shards, folders or path lists with MODEL_DIR into EMB_DIR (parquet parts)"),
-    "index": ("pipeline.index", "build a faiss index (cosine; flat or ivf-pq) over EMB_DIR into INDEX_DIR"),
-    "search": ("pipeline.search", "nearest neighbours of images (or of an indexed key) in INDEX_DIR, as JSON lines"),
+    "eval": ("pipeline.evaluate.run", "kNN or linear-probe accuracy of MODEL_DIR or RUN_DIR features on labelled data"),
+    "embed": ("pipeline.embed.embed", "embed image shards, folders or path lists with MODEL_DIR into EMB_DIR (parquet parts)"),
+    "index": ("pipeline.embed.index", "build a faiss index (cosine; flat or ivf-pq) over EMB_DIR into INDEX_DIR"),
+    "search": ("pipeline.embed.search", "nearest neighbours of images (or of an indexed key) in INDEX_DIR, as JSON lines"),
 }
 
 

@@ -16,9 +16,10 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from pipeline import shards, train
+from pipeline.data import shards
+from pipeline.train import loop as train
 from pipeline.config import Config, apply
-from pipeline.presets import PRESETS
+from pipeline.train.presets import PRESETS
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def multipart(field: str, filename: str, data: bytes, content_type: str) -> tupl
 
 def run(args) -> int:
     from pipeline.export import export_model, sha256_file
-    from pipeline.search import demo_query
+    from pipeline.embed.search import demo_query
     from pipeline.serve import start_server
 
     out = Path(args.out)

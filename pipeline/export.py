@@ -1,6 +1,6 @@
 """`barlow export RUN_DIR --out MODEL_DIR`: the trained encoder as one ONNX file plus its metadata.
 
-The graph takes what a client has, uint8 RGB pixels [N, 3, S, S] from `pipeline.preprocess`, and
+The graph takes what a client has, uint8 RGB pixels [N, 3, S, S] from `pipeline.data.preprocess`, and
 normalises inside, so no consumer can get mean/std wrong. Its output is the backbone representation,
 never the projector's. Before anything is published the ONNX Runtime output is compared with the torch
 encoder on random and real images at batch 1 and 8; a difference above tolerance fails the export and
@@ -28,11 +28,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline.checkpoint import load_encoder
+from pipeline.train.checkpoint import load_encoder
 from pipeline.errors import UserError
-from pipeline.preprocess import image_to_array, load_array
+from pipeline.data.preprocess import image_to_array, load_array
 from pipeline.runtime import MODEL_FORMAT  # the writer and the reader share one format tag
-from pipeline.shards import fashion_mnist_dir
+from pipeline.data.shards import fashion_mnist_dir
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def export_model(run_dir: str | Path, out_dir: str | Path, tolerance: float = DE
                       "shape": ["batch", 3, size, size]},
             "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", dim],
                        "what": "backbone features (not the projector), not L2-normalised"},
-            "preprocess": f"pipeline.preprocess.load_array: EXIF orientation, RGB, shorter side to {size} "
+            "preprocess": f"pipeline.data.preprocess.load_array: EXIF orientation, RGB, shorter side to {size} "
                           "(bicubic), centre crop; normalisation inside the graph",
             "source": {"checkpoint": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint)},
             "onnx_sha256": sha256_file(tmp_onnx),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from pipeline.search import DEFAULT_K, MAX_K
+from pipeline.embed.search import DEFAULT_K, MAX_K
 from serving.settings import Settings
 
 JSON = "application/json"

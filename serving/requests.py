@@ -23,7 +23,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from pipeline.preprocess import FORMATS, BadImage, load_array
+from pipeline.data.preprocess import FORMATS, BadImage, load_array
 
 JSON_FIELDS = ("images", "normalize")
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")

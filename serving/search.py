@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from pipeline.runtime import l2_normalize
-from pipeline.search import DEFAULT_K, MAX_K, SearchIndex
+from pipeline.embed.search import DEFAULT_K, MAX_K, SearchIndex
 from serving.requests import RequestError, preprocess_all, read_image_parts
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.preprocess import max_pixels_from_env
+from pipeline.data.preprocess import max_pixels_from_env
 from pipeline.runtime import usable_cpus  # noqa: F401  (re-exported: the service and benchmarks use it)
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")

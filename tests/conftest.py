@@ -41,7 +41,7 @@ def image_bytes_fixture():
 def fashion_mnist() -> Path:
     """Fashion-MNIST's folder (the Debian package's, or BARLOW_FASHION_MNIST_DIR); skips the test when it is
     not installed."""
-    from pipeline.shards import fashion_mnist_dir
+    from pipeline.data.shards import fashion_mnist_dir
 
     folder = fashion_mnist_dir()
     if not (folder / "t10k-images-idx3-ubyte.gz").is_file():
@@ -52,7 +52,7 @@ def fashion_mnist() -> Path:
 @pytest.fixture(scope="session")
 def fmnist_shards(fashion_mnist, tmp_path_factory) -> Path:
     """200 Fashion-MNIST test images in 5 shards of up to 48 (the last one short), with index.json."""
-    from pipeline.shards import write_shards
+    from pipeline.data.shards import write_shards
 
     out = tmp_path_factory.mktemp("fmnist-shards")
     write_shards("fashion-mnist:test", out, per_shard=48, limit=200)

@@ -30,7 +30,7 @@ def shared_model(tmp_path_factory) -> Path:
 
 def shared_embeddings(tmp_path_factory, model_dir: Path, shards: Path) -> Path:
     """EMB_DIR of `shards` embedded once per session (2 decode workers, batch 32)."""
-    from pipeline.embed import embed
+    from pipeline.embed.embed import embed
 
     out = tmp_path_factory.getbasetemp() / "shared-embeddings"
     if not (out / "manifest.json").is_file():
@@ -85,7 +85,7 @@ def read_rows(emb_dir: Path) -> dict[str, list]:
 
 def fmnist_copy(index: int, size: int = 56, quality: int = 85) -> bytes:
     """Fashion-MNIST test image `index`, resized and re-encoded as JPEG: a copy the index never saw."""
-    from pipeline.shards import read_fashion_mnist
+    from pipeline.data.shards import read_fashion_mnist
 
     images, _ = read_fashion_mnist("test")
     buffer = io.BytesIO()

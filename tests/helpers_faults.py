@@ -178,7 +178,7 @@ def metric_steps(run_dir: Path) -> list[int]:
 
 def checkpoint_step(run_dir: Path) -> int | None:
     """The step of checkpoints/last.pt; None when there is none. Raises UserError when it does not load."""
-    from pipeline.checkpoint import TRAINING_FORMAT, safe_load
+    from pipeline.train.checkpoint import TRAINING_FORMAT, safe_load
 
     path = run_dir / "checkpoints" / "last.pt"
     return int(safe_load(path, TRAINING_FORMAT)["step"]) if path.exists() else None
@@ -214,7 +214,7 @@ def reference_run(shards: Path, out: Path, steps: int, checkpoint_every: int) ->
 
 
 def model_state(run_dir: Path) -> dict:
-    from pipeline.checkpoint import TRAINING_FORMAT, safe_load
+    from pipeline.train.checkpoint import TRAINING_FORMAT, safe_load
 
     return safe_load(run_dir / "checkpoints" / "last.pt", TRAINING_FORMAT)["model"]
 

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.checkpoint import load_encoder, save_encoder
+from pipeline.train.checkpoint import load_encoder, save_encoder
 from pipeline.config import Config
 from pipeline.export import ImageEncoder
-from pipeline.model import build_encoder
-from pipeline.presets import PRESETS
+from pipeline.train.model import build_encoder
+from pipeline.train.presets import PRESETS
 
 
 def make_run_dir(run_dir: Path, preset: str = "fmnist", seed: int = 0) -> Path:

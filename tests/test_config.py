@@ -5,7 +5,7 @@ import yaml
 
 from pipeline.config import Config, apply, parse_overrides, save_yaml, load_yaml
 from pipeline.errors import UserError
-from pipeline.presets import PRESETS
+from pipeline.train.presets import PRESETS
 
 
 def test_presets_apply_and_imagenet_is_the_paper_recipe():

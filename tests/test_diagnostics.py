@@ -5,7 +5,7 @@ import urllib.request
 
 import torch
 
-from pipeline.diagnostics import MetricsLog, PrometheusGauges, normalized_std, rankme
+from pipeline.train.diagnostics import MetricsLog, PrometheusGauges, normalized_std, rankme
 
 
 def test_rankme_counts_effective_dimensions():

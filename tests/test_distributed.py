@@ -19,9 +19,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from pipeline.distributed import GlobalBatchNorm, all_reduce_sum, convert_batchnorm, rank, world_size
-from pipeline.loss import barlow_twins_loss, off_diagonal, on_diagonal, standardize
-from pipeline.model import BarlowTwins
+from pipeline.train.distributed import GlobalBatchNorm, all_reduce_sum, convert_batchnorm, rank, world_size
+from pipeline.train.loss import barlow_twins_loss, off_diagonal, on_diagonal, standardize
+from pipeline.train.model import BarlowTwins
 
 BATCH, SIZE, LAMBD = 8, 8, 0.0051
 

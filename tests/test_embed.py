@@ -19,10 +19,10 @@ import pytest
 
 from helpers_embed import (other_model, read_rows, shared_embeddings, shared_model, tar_keys, write_tar)
 from pipeline import cli
-from pipeline.embed import Shard, embed, parse_part_of, resolve_shards, share, shard_stem, unique_stems
+from pipeline.embed.embed import Shard, embed, parse_part_of, resolve_shards, share, shard_stem, unique_stems
 from pipeline.errors import UserError
-from pipeline.preprocess import load_array
-from pipeline.shards import write_shards
+from pipeline.data.preprocess import load_array
+from pipeline.data.shards import write_shards
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,7 +96,7 @@ def test_parts_hold_every_image_once_with_schema_dim_and_the_served_embedding(em
     rows = read_rows(emb_dir)
     assert len(rows["key"]) == len(set(rows["key"])) == 200
     assert rows["source"][:2] == ["fashion-mnist:test/0", "fashion-mnist:test/1"]
-    from pipeline.shards import read_fashion_mnist
+    from pipeline.data.shards import read_fashion_mnist
 
     images, labels = read_fashion_mnist("test")
     assert rows["label"] == labels[:200].tolist()

@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from helpers_serving import make_run_dir
-from pipeline import features as feats
+from pipeline.evaluate import features as feats
 from pipeline.errors import UserError
 from pipeline.runtime import MODEL_FORMAT
-from pipeline.evaluate import KnnMonitor, evaluate, knn, knn_scores, linear_probe, topk_accuracy
+from pipeline.evaluate.run import KnnMonitor, evaluate, knn, knn_scores, linear_probe, topk_accuracy
 
 
 def barlow(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -141,8 +141,8 @@ def tiny_run(tmp_path_factory) -> Path:
 
 
 def test_features_use_the_shared_preprocessing_and_count_corrupt_and_unlabelled(fmnist_shards, tiny_run, tmp_path):
-    from pipeline.preprocess import load_array
-    from pipeline.shards import read_fashion_mnist
+    from pipeline.data.preprocess import load_array
+    from pipeline.data.shards import read_fashion_mnist
 
     model = feats.open_model(tiny_run, torch.device("cpu"))
     images, labels = read_fashion_mnist("test")
@@ -228,7 +228,7 @@ def test_cli_eval_rejects_bad_input_with_one_sentence(tiny_run, tmp_path, args, 
 
 
 def test_knn_monitor_is_leave_one_out_and_restores_training_mode(fmnist_shards, tiny_run):
-    from pipeline.checkpoint import load_encoder
+    from pipeline.train.checkpoint import load_encoder
 
     backbone, config = load_encoder(tiny_run / "encoder.pt")
     monitor = KnnMonitor(str(fmnist_shards), 16, config.views.mean, config.views.std, every=5, limit=120)
@@ -282,7 +282,7 @@ RECIPE = ["--preset", "tiny", "--steps", "40", "optim.batch_size=32", "optim.lr_
 def trained(tmp_path_factory, fmnist_shards):
     """A RUN_DIR pretrained for 40 steps through `barlow train` with the kNN monitor, and its shards."""
     from pipeline import cli
-    from pipeline.shards import write_shards
+    from pipeline.data.shards import write_shards
 
     base = tmp_path_factory.mktemp("pretrain")
     shards = base / "shards"

@@ -13,7 +13,7 @@ from helpers_serving import make_run_dir, sample_images, torch_reference
 from pipeline import cli
 from pipeline.errors import UserError
 from pipeline.export import check_parity, export_model, real_images
-from pipeline.preprocess import load_array
+from pipeline.data.preprocess import load_array
 
 pytestmark = pytest.mark.slow  # each export traces and converts a ResNet-18 (~5 s on 2 cores)
 

@@ -29,9 +29,9 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from pipeline import gpu_views as G
-from pipeline import stream
-from pipeline.checkpoint import TRAINING_FORMAT, safe_load
+from pipeline.data import gpu_views as G
+from pipeline.data import stream
+from pipeline.train.checkpoint import TRAINING_FORMAT, safe_load
 from pipeline.config import ViewConfig
 from pipeline.errors import UserError
 
@@ -369,7 +369,7 @@ def test_all_undecodable_batch_stops_with_one_sentence(tmp_path):
 
 def test_data_path_choice():
     from pipeline.config import Config
-    from pipeline.train import pick_data_path
+    from pipeline.train.loop import pick_data_path
 
     config = Config()
     assert config.train.data_path == "auto"

@@ -13,10 +13,10 @@ import pytest
 
 from helpers_embed import clustered_vectors, fmnist_copy, other_model, read_rows, shared_embeddings, shared_model
 from pipeline import cli
-from pipeline.embed import EMBEDDINGS_FORMAT, embed, write_part
+from pipeline.embed.embed import EMBEDDINGS_FORMAT, embed, write_part
 from pipeline.errors import UserError
-from pipeline.index import build_index
-from pipeline.search import SearchIndex
+from pipeline.embed.index import build_index
+from pipeline.embed.search import SearchIndex
 
 TOKEN = "search-token"
 QUERIES = (3, 77, 150, 199)  # Fashion-MNIST test images inside the 200 indexed ones

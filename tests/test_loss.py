@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from pipeline.loss import barlow_twins_loss, cross_correlation, off_diagonal, on_diagonal, standardize
+from pipeline.train.loss import barlow_twins_loss, cross_correlation, off_diagonal, on_diagonal, standardize
 
 
 def brute_force_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float, eps: float = 1e-5) -> float:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pipeline.config import OptimConfig
-from pipeline.optim import LARS, build_optimizer, lr_at, param_groups, set_lr
+from pipeline.train.optim import LARS, build_optimizer, lr_at, param_groups, set_lr
 
 
 def two_param_lars(weight_decay=0.1, momentum=0.9, eta=0.001, lr=(0.5, 0.1)):

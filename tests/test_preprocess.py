@@ -1,4 +1,4 @@
-"""pipeline.preprocess: the one decode + preprocess path of serving, batch embedding and evaluation."""
+"""pipeline.data.preprocess: the one decode + preprocess path of serving, batch embedding and evaluation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from PIL import Image
 
 from helpers_serving import encode, photo, sample_images
 from pipeline.errors import UserError
-from pipeline.preprocess import (BadImage, decode_image, image_to_array, load_array, max_pixels_from_env,
+from pipeline.data.preprocess import (BadImage, decode_image, image_to_array, load_array, max_pixels_from_env,
                                  resize_center_crop, to_rgb)
 
 SIZE = 32

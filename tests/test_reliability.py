@@ -28,7 +28,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers_serving import encode, exported_model, photo, torch_embed, torch_reference
-from pipeline.preprocess import load_array
+from pipeline.data.preprocess import load_array
 from pipeline.serve import PROJECT_ROOT, free_port, wait_ready
 from serving.limits import Admission, Unavailable
 

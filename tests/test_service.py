@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from helpers_serving import encode, exported_model, photo, sample_images, torch_embed, torch_reference
 from pipeline.errors import UserError
-from pipeline.preprocess import load_array
+from pipeline.data.preprocess import load_array
 from pipeline.serve import PROJECT_ROOT, free_port, start_server, wait_ready
 from serving.batching import bucket_for, bucket_sizes, pad_rows
 from serving.runtime import OnnxEncoder

@@ -12,8 +12,8 @@ from PIL import Image
 
 from pipeline import cli
 from pipeline.errors import UserError
-from pipeline.shards import read_fashion_mnist, write_shards
-from pipeline.stream import CorruptCounter, decode_rgb, expand_urls, iter_samples, label_of
+from pipeline.data.shards import read_fashion_mnist, write_shards
+from pipeline.data.stream import CorruptCounter, decode_rgb, expand_urls, iter_samples, label_of
 
 
 def read_back(out: Path) -> list[dict]:

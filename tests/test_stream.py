@@ -14,7 +14,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pipeline import stream
+from pipeline.data import stream
 from pipeline.errors import UserError
 
 

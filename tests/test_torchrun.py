@@ -77,8 +77,8 @@ def local_command(nproc: int, run_dir: Path, config: Path) -> tuple[list[str], d
 def tiny_config(fashion_mnist, tmp_path_factory) -> Path:
     """The `tiny` preset as a `--config` file (what the ConfigMap holds), over 512 Fashion-MNIST images."""
     from pipeline.config import Config, apply, save_yaml
-    from pipeline.presets import PRESETS
-    from pipeline.shards import write_shards
+    from pipeline.train.presets import PRESETS
+    from pipeline.data.shards import write_shards
 
     root = tmp_path_factory.mktemp("torchrun")
     write_shards("fashion-mnist:test", root / "shards", per_shard=64, limit=512)
@@ -122,7 +122,7 @@ def two_processes(tiny_config) -> Path:
 
 
 def test_two_processes_finish_with_one_rank0_checkpoint_and_the_one_process_curve(two_processes, one_process):
-    from pipeline.checkpoint import TRAINING_FORMAT, safe_load
+    from pipeline.train.checkpoint import TRAINING_FORMAT, safe_load
 
     assert [p.name for p in (two_processes / "checkpoints").iterdir()] == ["last.pt"], "one file, no per-rank copies"
     state = safe_load(two_processes / "checkpoints" / "last.pt", TRAINING_FORMAT)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import ViewConfig
-from pipeline.views import TwoViews, blur_kernel_size
+from pipeline.data.views import TwoViews, blur_kernel_size
 
 SIZE = 32
 

@@ -8,7 +8,7 @@ deterministic share `shards[i::n]`, so n pods of an Indexed Job cover every shar
 
 DataLoader workers read and decode shards (one shard per worker at a time) while the main process
 runs ONNX Runtime, so the model is never waiting on JPEG decoding. Preprocessing is
-`pipeline.preprocess.load_array`, the function /embed uses, and embeddings are L2-normalised as
+`pipeline.data.preprocess.load_array`, the function /embed uses, and embeddings are L2-normalised as
 /embed returns them by default: the batch and the served embedding of the same bytes agree.
 Undecodable images are skipped and listed with their reason; a shard that cannot be read (network,
 truncated tar) gets no part, so a re-run retries it, and the command exits non-zero.
@@ -38,8 +38,8 @@ import torch
 from tqdm import tqdm
 
 from pipeline.errors import UserError
-from pipeline.preprocess import BadImage, load_array, max_pixels_from_env
-from pipeline.stream import (IMAGE_EXTENSIONS, CorruptCounter, CorruptSample, expand_urls,
+from pipeline.data.preprocess import BadImage, load_array, max_pixels_from_env
+from pipeline.data.stream import (IMAGE_EXTENSIONS, CorruptCounter, CorruptSample, expand_urls,
                              iter_samples, label_of, read_index, split_by_node, split_by_worker)
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def unique_stems(urls: list[str]) -> list[str]:
 
 def _image_key(relative: Path, used: set[str]) -> str:
     """A key from a relative path, unique in the collection (same rules as `barlow shards`)."""
-    from pipeline.shards import sample_key
+    from pipeline.data.shards import sample_key
 
     key, n = sample_key(relative), 1
     candidate = key

@@ -20,7 +20,7 @@ from torch import nn
 
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.model import build_encoder
+from pipeline.train.model import build_encoder
 
 ENCODER_FORMAT = "barlow-embed/encoder/1"
 TRAINING_FORMAT = "barlow-embed/training/1"

@@ -4,7 +4,7 @@ An encoder here is any callable `uint8 RGB [B, 3, S, S] (numpy) -> float32 [B, D
 exported `model.onnx` under ONNX Runtime, the trained `encoder.pt` under torch, the same
 architecture at random initialisation, or the raw pixels. Images come from a SRC as `barlow shards`
 takes it (`fashion-mnist:train|test`) or from shard URLs, and always pass through
-`pipeline.preprocess`, the preprocessing serving and batch embedding use: the evaluated embedding is
+`pipeline.data.preprocess`, the preprocessing serving and batch embedding use: the evaluated embedding is
 the served one. Corrupt or unlabelled samples are skipped and counted, never fatal.
 """
 
@@ -23,9 +23,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline import stream
+from pipeline.data import stream
 from pipeline.errors import UserError
-from pipeline.preprocess import BadImage, image_to_array, load_array
+from pipeline.data.preprocess import BadImage, image_to_array, load_array
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def raw_pixels(images: np.ndarray) -> np.ndarray:
 
 def random_init_encoder(model: Model, device: torch.device, seed: int = 0) -> TorchEncoder:
     """The same architecture as `model`, randomly initialised with a fixed seed: the untrained baseline."""
-    from pipeline.model import build_encoder
+    from pipeline.train.model import build_encoder
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -126,7 +126,7 @@ def open_model(path: str | Path, device: torch.device) -> Model:
     checkpoint = path / "encoder.pt" if path.is_dir() else path
     if not checkpoint.is_file():
         raise UserError(f"{path} is neither a MODEL_DIR (model.onnx) nor a RUN_DIR (encoder.pt) nor an encoder.pt")
-    from pipeline.checkpoint import load_encoder
+    from pipeline.train.checkpoint import load_encoder
 
     backbone, config = load_encoder(checkpoint)
     views = config.views
@@ -148,7 +148,7 @@ class Tally:
 def iter_labelled(src: str, size: int, tally: Tally, limit: int | None = None) -> Iterator[tuple[np.ndarray, int]]:
     """(uint8 [3, size, size], label) of each usable sample of SRC, in order; the rest counted in `tally`."""
     if src.startswith("fashion-mnist:"):
-        from pipeline.shards import read_fashion_mnist
+        from pipeline.data.shards import read_fashion_mnist
 
         images, labels = read_fashion_mnist(src.partition(":")[2])
         for pixels, label in zip(images[:limit], labels[:limit]):
@@ -184,7 +184,7 @@ def iter_labelled(src: str, size: int, tally: Tally, limit: int | None = None) -
 def check_source(src: str) -> None:
     """Fail fast, before any model is loaded, on a SRC that cannot be read."""
     if src.startswith("fashion-mnist:"):
-        from pipeline.shards import FASHION_MNIST_FILES
+        from pipeline.data.shards import FASHION_MNIST_FILES
 
         if src.partition(":")[2] not in FASHION_MNIST_FILES:
             raise UserError(f"unknown Fashion-MNIST split in {src!r}; use fashion-mnist:train or fashion-mnist:test")
@@ -194,7 +194,7 @@ def check_source(src: str) -> None:
 
 def class_names(src: str) -> list[str] | None:
     if src.startswith("fashion-mnist:"):
-        from pipeline.shards import FASHION_MNIST_CLASSES
+        from pipeline.data.shards import FASHION_MNIST_CLASSES
 
         return list(FASHION_MNIST_CLASSES)
     index = stream.read_index(src)

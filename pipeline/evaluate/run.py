@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import features as feats
+from pipeline.evaluate import features as feats
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ def evaluate(model_path: str, train_src: str, test_src: str, protocols: tuple[st
             return knn(*args, k=k, temperature=temperature, device=torch_device)
         return linear_probe(*args, seed=seed, device=torch_device, **linear_options)
 
-    from pipeline.diagnostics import rankme
+    from pipeline.train.diagnostics import rankme
 
     result: dict[str, Any] = {
         "model": str(model_path), "runtime": model.kind, **model.info, "arch": model.arch,

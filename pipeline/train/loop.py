@@ -23,15 +23,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import diagnostics, distributed, gpu_views, stream
-from pipeline.checkpoint import TRAINING_FORMAT, atomic_save, safe_load, save_encoder
+from pipeline.train import diagnostics
+from pipeline.train import distributed
+from pipeline.data import gpu_views
+from pipeline.data import stream
+from pipeline.train.checkpoint import TRAINING_FORMAT, atomic_save, safe_load, save_encoder
 from pipeline.config import Config, apply, load_yaml, parse_overrides, save_yaml
 from pipeline.errors import UserError
-from pipeline.loss import barlow_twins_loss, off_diagonal
-from pipeline.model import BarlowTwins
-from pipeline.optim import build_optimizer, set_lr
-from pipeline.presets import PRESETS
-from pipeline.views import TwoViews
+from pipeline.train.loss import barlow_twins_loss, off_diagonal
+from pipeline.train.model import BarlowTwins
+from pipeline.train.optim import build_optimizer, set_lr
+from pipeline.train.presets import PRESETS
+from pipeline.data.views import TwoViews
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +87,7 @@ def run(args) -> int:
     config = resolve_config(args)
     monitor = None
     if args.monitor_data and int(os.environ.get("RANK", 0)) == 0:  # the kNN runs on rank 0 only
-        from pipeline.evaluate import KnnMonitor
+        from pipeline.evaluate.run import KnnMonitor
 
         monitor = KnnMonitor(args.monitor_data, config.views.image_size, config.views.mean, config.views.std,
                              every=args.monitor_every or config.train.diag_every)

@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ViewConfig
-from pipeline.stream import derive_seed
-from pipeline.views import blur_kernel_size
+from pipeline.data.stream import derive_seed
+from pipeline.data.views import blur_kernel_size
 
 log = logging.getLogger(__name__)
 

@@ -134,7 +134,7 @@ def check_k(k: int) -> int:
 
 def embed_files(model_dir: Path, paths: list[Path], device: str = "auto") -> tuple[np.ndarray, dict[str, Any]]:
     """Image files -> L2-normalised embeddings, preprocessed as /embed and barlow embed do."""
-    from pipeline.preprocess import BadImage, load_array, max_pixels_from_env
+    from pipeline.data.preprocess import BadImage, load_array, max_pixels_from_env
     from pipeline.runtime import OnnxEncoder, l2_normalize, load_model_info
 
     info = load_model_info(model_dir)
@@ -182,9 +182,9 @@ def demo_query(model_dir: str | Path, out_dir: str | Path, k: int = 5, query: in
     """
     from PIL import Image
 
-    from pipeline.embed import embed
-    from pipeline.index import build_index
-    from pipeline.shards import FASHION_MNIST_CLASSES, read_fashion_mnist, write_shards
+    from pipeline.embed.embed import embed
+    from pipeline.embed.index import build_index
+    from pipeline.data.shards import FASHION_MNIST_CLASSES, read_fashion_mnist, write_shards
 
     out_dir = Path(out_dir)
     shard_dir = out_dir / "shards" / "test"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.distributed import all_reduce_sum, at_least_fp32, global_mean_var, world_size
+from pipeline.train.distributed import all_reduce_sum, at_least_fp32, global_mean_var, world_size
 
 
 def standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

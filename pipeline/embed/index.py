@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.embed import read_part_meta
+from pipeline.embed.embed import read_part_meta
 from pipeline.errors import UserError
-from pipeline.search import INDEX_FORMAT, normalized
+from pipeline.embed.search import INDEX_FORMAT, normalized
 
 logger = logging.getLogger(__name__)
 
