@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 
+from pipeline.files import write_json  # noqa: E402  (after the sys.path insert)
+
 
 def commit() -> str:
     """The short commit of the checkout; BARLOW_COMMIT where .git is absent (a copied tree on a GPU box)."""
@@ -28,13 +30,15 @@ def commit() -> str:
 def merge_record(path: Path, key: str, value: dict) -> dict:
     """Set `key` in the JSON record at `path`, keeping what other benchmarks wrote there (one file gathers
     several, e.g. reliability-<date>.json); read just before an atomic replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     record = json.loads(path.read_text()) if path.exists() else {}
     record[key] = value
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, record, indent=2)
     return record
+
+
+def write_record(path: Path, record: dict) -> None:
+    """A benchmark's JSON record, written atomically."""
+    write_json(path, record, indent=2)
 
 
 def device_label(on_gpu: bool) -> str:
@@ -53,12 +57,12 @@ def random_model(out: Path, arch: str, image_size: int) -> Path:
     from pipeline.train.checkpoint import save_encoder
     from pipeline.config import Config
     from pipeline.export import export_model
-    from pipeline.train.model import build_encoder
+    from pipeline.train.model import build_backbone
     from pipeline.train.presets import PRESETS
 
     config = Config.from_dict(PRESETS["fmnist" if image_size <= 64 else "imagenet"])
     config.model.arch, config.views.image_size = arch, image_size
-    backbone, _ = build_encoder(arch, config.model.small_stem)
+    backbone, _ = build_backbone(arch, config.model.small_stem)
     save_encoder(out / "run" / "encoder.pt", backbone, config, step=0)
     export_model(out / "run", out / "model")
     return out / "model"

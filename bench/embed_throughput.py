@@ -84,9 +84,9 @@ def write_jpeg_shards(out: Path, count: int, width: int, height: int) -> Path:
 
 def raw_images_per_s(model_dir: Path, provider: str, batch: int, seconds: float) -> tuple[float, list[str]]:
     """ONNX Runtime alone on ready uint8 batches, after warm-up."""
-    from pipeline.runtime import OnnxEncoder
+    from pipeline.runtime import OnnxModel
 
-    encoder = OnnxEncoder(model_dir, provider, max_batch=batch)
+    encoder = OnnxModel(model_dir, provider, max_batch=batch)
     images = np.random.default_rng(0).integers(0, 256, (batch, 3, encoder.image_size, encoder.image_size), np.uint8)
     for _ in range(3):
         encoder(images)

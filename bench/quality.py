@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.devices import torch_device  # noqa: E402
 from pipeline.train import loop as train  # noqa: E402
 from pipeline.config import Config, apply, parse_overrides  # noqa: E402
 from pipeline.evaluate.run import evaluate  # noqa: E402
@@ -136,7 +137,7 @@ def main() -> int:
     apply(config, PRESETS["fmnist"])
     apply(config, parse_overrides(args.overrides))
     config.train.device = args.device
-    device = train.pick_device(config)
+    device = torch_device(config.train.device)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     config.data.urls = str(train_shards(work))
@@ -158,7 +159,7 @@ def main() -> int:
     summary = train.train(config, run_dir)
     train_minutes = (time.perf_counter() - started) / 60
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    plan = train.make_plan(config, [], 1)
+    plan = train.make_plan(config, 1)
 
     export: dict = {}
     try:

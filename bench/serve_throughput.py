@@ -29,7 +29,8 @@ from PIL import Image
 from common import RESULTS, commit, device_label, random_model  # noqa: E402  (also puts the repo on sys.path)
 
 from pipeline.serve import start_server  # noqa: E402
-from serving.runtime import OnnxEncoder, gpu_available  # noqa: E402
+from pipeline.devices import gpu_available  # noqa: E402
+from pipeline.runtime import OnnxModel  # noqa: E402
 from pipeline.runtime import usable_cpus  # noqa: E402
 
 
@@ -58,7 +59,7 @@ def jpegs(count: int, image_size: int) -> list[bytes]:
 def raw_throughput(model_dir: Path, batch: int, seconds: float) -> tuple[float, float, list[str]]:
     """Images/s of the session alone, configured as the server configures it: at a fixed batch B,
     and cycling through every size 1..B as adaptive batches do (shape changes can cost on GPUs)."""
-    encoder = OnnxEncoder(model_dir, os.environ.get("BARLOW_DEVICE", "auto"), max_batch=batch)
+    encoder = OnnxModel(model_dir, os.environ.get("BARLOW_DEVICE", "auto"), max_batch=batch)
     images = np.random.default_rng(0).integers(0, 256, (batch, 3, encoder.image_size, encoder.image_size),
                                                dtype=np.uint8)
     encoder.warm_up(tuple(range(1, batch + 1)))

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gzip
 import hashlib
 import io
 import json
 import logging
-import os
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -28,11 +26,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline.train.checkpoint import load_encoder
+from pipeline.data.fashion_mnist import read_fashion_mnist
 from pipeline.errors import UserError
+from pipeline.files import atomic_output, write_json
+from pipeline.train.checkpoint import load_encoder
 from pipeline.data.preprocess import image_to_array, load_array
 from pipeline.runtime import MODEL_FORMAT  # the writer and the reader share one format tag
-from pipeline.data.shards import fashion_mnist_dir
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ DEFAULT_TOLERANCE = 1e-4  # max |onnx - torch| / max |torch|; seen: ~1e-7 (resne
 PARITY_BATCHES = (1, 8)
 
 
-class ImageEncoder(nn.Module):
+class FeatureExtractor(nn.Module):
     """uint8 RGB [N, 3, S, S] -> backbone features [N, D]; the exact function model.onnx computes."""
 
     def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
@@ -54,7 +53,7 @@ class ImageEncoder(nn.Module):
         return self.backbone((images.float() / 255 - self.mean) / self.std)
 
 
-def export_onnx(encoder: ImageEncoder, path: Path, image_size: int) -> int:
+def export_onnx(encoder: FeatureExtractor, path: Path, image_size: int) -> int:
     """Write the one-file ONNX graph with a dynamic batch axis; returns its opset."""
     # Batch 2 in the example: torch.export would specialise a batch of 1 into a constant.
     example = torch.randint(0, 256, (2, 3, image_size, image_size), dtype=torch.uint8)
@@ -87,12 +86,11 @@ def real_images(count: int, size: int, paths: list[Path] | None = None) -> tuple
         while len(arrays) < count:
             arrays += arrays[: count - len(arrays)]
         return np.stack(arrays), f"{len(blobs)} user images"
-    fashion_mnist_test = fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz"
-    if fashion_mnist_test.is_file():
-        with gzip.open(fashion_mnist_test, "rb") as file:
-            raw = file.read(16 + count * 28 * 28)
-        pixels = np.frombuffer(raw[16:], dtype=np.uint8).reshape(count, 28, 28)
-        return np.stack([load_array(_png(Image.fromarray(p)), size) for p in pixels]), "fashion-mnist t10k"
+    try:
+        pixels, _ = read_fashion_mnist("test")
+        return np.stack([load_array(_png(Image.fromarray(p)), size) for p in pixels[:count]]), "fashion-mnist t10k"
+    except UserError:  # not installed here: synthetic photos below
+        pass
     rng = np.random.default_rng(0)
     arrays = []
     for _ in range(count):
@@ -112,7 +110,7 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def compare(encoder: ImageEncoder, session: Any, images: np.ndarray) -> dict[str, float]:
+def compare(encoder: FeatureExtractor, session: Any, images: np.ndarray) -> dict[str, float]:
     """Max absolute and relative (to the largest torch output) difference, ONNX Runtime vs torch."""
     with torch.inference_mode():
         expected = encoder(torch.from_numpy(images)).numpy()
@@ -121,7 +119,7 @@ def compare(encoder: ImageEncoder, session: Any, images: np.ndarray) -> dict[str
     return {"max_abs": max_abs, "max_rel": max_abs / max(float(np.abs(expected).max()), 1e-12)}
 
 
-def check_parity(encoder: ImageEncoder, onnx_path: Path, image_size: int, tolerance: float,
+def check_parity(encoder: FeatureExtractor, onnx_path: Path, image_size: int, tolerance: float,
                  image_paths: list[Path] | None = None) -> dict[str, Any]:
     """ONNX Runtime (CPU) vs torch on random and real images at batch 1 and 8; raises above tolerance."""
     import onnxruntime as ort
@@ -176,10 +174,8 @@ def export_model(run_dir: str | Path, out_dir: str | Path, tolerance: float = DE
     out_dir = Path(out_dir)
     backbone, config = load_encoder(checkpoint)
     size, views = config.views.image_size, config.views
-    encoder = ImageEncoder(backbone, views.mean, views.std).eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp_onnx = out_dir / f".model.onnx.{os.getpid()}.tmp"
-    try:
+    encoder = FeatureExtractor(backbone, views.mean, views.std).eval()
+    with atomic_output(out_dir / "model.onnx") as tmp_onnx:  # renamed only once the parity check passed
         logger.info("exporting %s (%s, %d px) to ONNX", checkpoint, config.model.arch, size)
         opset = export_onnx(encoder, tmp_onnx, size)
         parity = check_parity(encoder, tmp_onnx, size, tolerance, image_paths)
@@ -208,17 +204,8 @@ def export_model(run_dir: str | Path, out_dir: str | Path, tolerance: float = DE
             "parity": parity,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        os.replace(tmp_onnx, out_dir / "model.onnx")
-        write_json(info, out_dir / "model.json")
-    finally:
-        tmp_onnx.unlink(missing_ok=True)
+    write_json(out_dir / "model.json", info, indent=2)
     return info
-
-
-def write_json(data: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

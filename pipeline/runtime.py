@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.devices import runtime_device
 from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 MODEL_FORMAT = "barlow-embed/model/1"
-DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 
 
 def usable_cpus() -> int:
@@ -57,24 +57,12 @@ def load_model_info(model_dir: Path) -> dict[str, Any]:
     return info
 
 
-def gpu_available() -> bool:
-    try:
-        import torch
-    except ImportError:  # a slim CPU image may not carry torch
-        return False
-    return torch.cuda.is_available()
-
-
 def execution_providers(device: str, image_size: int, max_batch: int, cache_dir: Path) -> list[Any]:
+    """ONNX Runtime providers for `device` (auto | cpu | cuda | tensorrt), most preferred first."""
     cpu = "CPUExecutionProvider"
-    if device not in DEVICES:
-        raise UserError(f"the device must be one of {', '.join(DEVICES)}, not {device!r}")
-    if device == "auto":
-        device = "cuda" if gpu_available() else "cpu"
+    device = runtime_device(device)
     if device == "cpu":
         return [cpu]
-    if not gpu_available():
-        raise UserError(f"device {device} asked for, but torch sees no CUDA GPU")
     # HEURISTIC: with adaptive batching every new batch size would otherwise re-run the exhaustive search.
     cuda = ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0"})
     if device == "cuda":
@@ -87,7 +75,7 @@ def execution_providers(device: str, image_size: int, max_batch: int, cache_dir:
     return [tensorrt, cuda, cpu]
 
 
-class OnnxEncoder:
+class OnnxModel:
     """uint8 RGB [N, 3, S, S] -> float32 [N, D] backbone embeddings (not normalised)."""
 
     def __init__(self, model_dir: Path, device: str = "auto", threads: int = 0, max_batch: int = 64):
@@ -129,7 +117,8 @@ class OnnxEncoder:
         return seconds
 
 
-def l2_normalize(embeddings: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length, exactly as /embed does by default (zero rows stay zero)."""
-    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-    return embeddings / np.maximum(norms, 1e-12)
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    """float32 rows of unit length (zero rows stay zero): what /embed returns by default, what the index
+    stores, and what makes cosine similarity an inner product."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)

@@ -179,8 +179,3 @@ def preprocess_all(images: list[bytes], size: int, max_pixels: int) -> np.ndarra
         except BadImage as exc:
             raise RequestError(exc.status, exc.reason, f"image {index}: {exc}", index) from None
     return np.stack(arrays)
-
-
-def l2_normalize(embeddings: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-    return embeddings / np.maximum(norms, 1e-12)

@@ -31,9 +31,9 @@ from serving.batching import GPU_PROVIDERS, bucket_for, bucket_sizes, pad_rows
 from serving.drain import IdleDrain
 from serving.limits import Admission, Gate, Unavailable, body_deadline
 from serving.openapi import openapi_document
+from pipeline.runtime import OnnxModel, l2_normalize, load_model_info, usable_cpus
 from serving.requests import (EmbedRequest, RequestError, check_body_size, check_token, header_pixels,
-                              l2_normalize, parse_base64_json, parse_multipart, preprocess_all, read_body)
-from serving.runtime import OnnxEncoder, load_model_info
+                              parse_base64_json, parse_multipart, preprocess_all, read_body)
 from serving.search import open_index, search
 from serving.settings import batching_from_env, env_int, settings_from_env, usable_cpus
 
@@ -64,7 +64,7 @@ class Encoder:
 
     def __init__(self) -> None:
         settings = settings_from_env()
-        self.model = OnnxEncoder(settings.model_dir, settings.device, settings.threads, MAX_BATCH)
+        self.model = OnnxModel(settings.model_dir, settings.device, settings.threads, MAX_BATCH)
         pad = env_int("BARLOW_PAD_BATCHES", int(self.model.providers[0] in GPU_PROVIDERS), minimum=0)
         self.buckets = bucket_sizes(MAX_BATCH) if pad else ()
         self.model.warm_up(self.buckets or (1,))

@@ -41,7 +41,7 @@ def image_bytes_fixture():
 def fashion_mnist() -> Path:
     """Fashion-MNIST's folder (the Debian package's, or BARLOW_FASHION_MNIST_DIR); skips the test when it is
     not installed."""
-    from pipeline.data.shards import fashion_mnist_dir
+    from pipeline.data.fashion_mnist import fashion_mnist_dir
 
     folder = fashion_mnist_dir()
     if not (folder / "t10k-images-idx3-ubyte.gz").is_file():

@@ -85,7 +85,7 @@ def read_rows(emb_dir: Path) -> dict[str, list]:
 
 def fmnist_copy(index: int, size: int = 56, quality: int = 85) -> bytes:
     """Fashion-MNIST test image `index`, resized and re-encoded as JPEG: a copy the index never saw."""
-    from pipeline.data.shards import read_fashion_mnist
+    from pipeline.data.fashion_mnist import read_fashion_mnist
 
     images, _ = read_fashion_mnist("test")
     buffer = io.BytesIO()

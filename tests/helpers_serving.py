@@ -11,8 +11,8 @@ from PIL import Image
 
 from pipeline.train.checkpoint import load_encoder, save_encoder
 from pipeline.config import Config
-from pipeline.export import ImageEncoder
-from pipeline.train.model import build_encoder
+from pipeline.export import FeatureExtractor
+from pipeline.train.model import build_backbone
 from pipeline.train.presets import PRESETS
 
 
@@ -20,7 +20,7 @@ def make_run_dir(run_dir: Path, preset: str = "fmnist", seed: int = 0) -> Path:
     """RUN_DIR/encoder.pt with random weights and perturbed BatchNorm (so BN is not the identity)."""
     torch.manual_seed(seed)
     config = Config.from_dict(PRESETS[preset])
-    backbone, _ = build_encoder(config.model.arch, config.model.small_stem)
+    backbone, _ = build_backbone(config.model.arch, config.model.small_stem)
     generator = torch.Generator().manual_seed(seed)
     for module in backbone.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
@@ -42,13 +42,13 @@ def exported_model(base: Path, name: str) -> tuple[Path, Path]:
     return run_dir, base / "model"
 
 
-def torch_reference(run_dir: Path) -> ImageEncoder:
+def torch_reference(run_dir: Path) -> FeatureExtractor:
     """The torch encoder exactly as export wraps it: uint8 RGB in, backbone features out."""
     backbone, config = load_encoder(run_dir / "encoder.pt")
-    return ImageEncoder(backbone, config.views.mean, config.views.std).eval()
+    return FeatureExtractor(backbone, config.views.mean, config.views.std).eval()
 
 
-def torch_embed(encoder: ImageEncoder, arrays: np.ndarray) -> np.ndarray:
+def torch_embed(encoder: FeatureExtractor, arrays: np.ndarray) -> np.ndarray:
     with torch.inference_mode():
         return encoder(torch.from_numpy(arrays)).numpy()
 

@@ -80,8 +80,8 @@ def test_part_names_come_from_shard_stems_and_stay_unique():
 
 @pytest.mark.slow
 def test_parts_hold_every_image_once_with_schema_dim_and_the_served_embedding(emb_dir, model_dir, fmnist_shards):
-    from pipeline.runtime import OnnxEncoder
-    from serving.requests import l2_normalize, preprocess_all  # exactly what /embed runs
+    from pipeline.runtime import OnnxModel, l2_normalize
+    from serving.requests import preprocess_all  # exactly what /embed runs
 
     shards = sorted(fmnist_shards.glob("shard-*.tar"))
     parts = sorted(emb_dir.glob("part-*.parquet"))
@@ -96,7 +96,7 @@ def test_parts_hold_every_image_once_with_schema_dim_and_the_served_embedding(em
     rows = read_rows(emb_dir)
     assert len(rows["key"]) == len(set(rows["key"])) == 200
     assert rows["source"][:2] == ["fashion-mnist:test/0", "fashion-mnist:test/1"]
-    from pipeline.data.shards import read_fashion_mnist
+    from pipeline.data.fashion_mnist import read_fashion_mnist
 
     images, labels = read_fashion_mnist("test")
     assert rows["label"] == labels[:200].tolist()
@@ -109,7 +109,7 @@ def test_parts_hold_every_image_once_with_schema_dim_and_the_served_embedding(em
 
     with tarfile.open(shards[1]) as tar:
         blobs = [tar.extractfile(f"{key}.png").read() for key in tar_keys(shards[1])[:5]]
-    served = l2_normalize(OnnxEncoder(model_dir, "cpu")(preprocess_all(blobs, 32, 40_000_000)))
+    served = l2_normalize(OnnxModel(model_dir, "cpu")(preprocess_all(blobs, 32, 40_000_000)))
     first = rows["key"].index(tar_keys(shards[1])[0])
     assert np.abs(vectors[first:first + 5] - served).max() < 1e-5
 
@@ -224,7 +224,7 @@ def test_an_unreadable_shard_gets_no_part_and_a_rerun_retries_it(model_dir, fmni
 
 @pytest.mark.slow
 def test_image_folders_and_path_lists_are_embedded_like_shards(model_dir, tmp_path):
-    from pipeline.runtime import OnnxEncoder, l2_normalize
+    from pipeline.runtime import OnnxModel, l2_normalize
 
     folder = tmp_path / "photos"
     (folder / "cats").mkdir(parents=True)
@@ -251,7 +251,7 @@ def test_image_folders_and_path_lists_are_embedded_like_shards(model_dir, tmp_pa
     assert listed["source"] == [str(tmp_path / "photos/top.jpg"), str(folder / "cats/a.jpg")]
     assert (tmp_path / "emb-list" / "part-list-000000.parquet").is_file()
     arrays = np.stack([load_array(blobs[name], 32) for name in ("top.jpg", "cats/a.jpg")])
-    expected = l2_normalize(OnnxEncoder(model_dir, "cpu")(arrays))
+    expected = l2_normalize(OnnxModel(model_dir, "cpu")(arrays))
     assert np.abs(np.array(listed["embedding"]) - expected).max() < 1e-5
     by_key = dict(zip(rows["key"], rows["embedding"]))
     assert np.abs(np.array(by_key["top"]) - np.array(listed["embedding"][0])).max() < 1e-5

@@ -19,7 +19,9 @@ from helpers_serving import make_run_dir
 from pipeline.evaluate import features as feats
 from pipeline.errors import UserError
 from pipeline.runtime import MODEL_FORMAT
-from pipeline.evaluate.run import KnnMonitor, evaluate, knn, knn_scores, linear_probe, topk_accuracy
+from pipeline.evaluate.protocols import knn, linear_probe
+from pipeline.evaluate.run import evaluate
+from pipeline.train.monitor import KnnMonitor, knn_scores, topk_accuracy
 
 
 def barlow(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -142,13 +144,13 @@ def tiny_run(tmp_path_factory) -> Path:
 
 def test_features_use_the_shared_preprocessing_and_count_corrupt_and_unlabelled(fmnist_shards, tiny_run, tmp_path):
     from pipeline.data.preprocess import load_array
-    from pipeline.data.shards import read_fashion_mnist
+    from pipeline.data.fashion_mnist import read_fashion_mnist
 
     model = feats.open_model(tiny_run, torch.device("cpu"))
     images, labels = read_fashion_mnist("test")
     # Shards (PNG bytes) and the fashion-mnist: source give the same pixels, labels and features.
-    from_shards = feats.extract({"model": model.encoder, "raw": feats.raw_pixels}, str(fmnist_shards), 16, 64, limit=70)
-    direct = feats.extract({"model": model.encoder, "raw": feats.raw_pixels}, "fashion-mnist:test", 16, 64, limit=70)
+    from_shards = feats.extract({"model": model.features, "raw": feats.raw_pixels}, str(fmnist_shards), 16, 64, limit=70)
+    direct = feats.extract({"model": model.features, "raw": feats.raw_pixels}, "fashion-mnist:test", 16, 64, limit=70)
     assert from_shards.labels.tolist() == direct.labels.tolist() == labels[:70].tolist()
     np.testing.assert_array_equal(from_shards.features["raw"], direct.features["raw"])
     np.testing.assert_allclose(from_shards.features["model"], direct.features["model"], rtol=0, atol=1e-5)
@@ -169,10 +171,10 @@ def test_features_use_the_shared_preprocessing_and_count_corrupt_and_unlabelled(
 def test_random_init_baseline_is_seeded_and_raw_pixels_are_pooled_to_32px(tiny_run):
     model = feats.open_model(tiny_run, torch.device("cpu"))
     images = np.random.default_rng(0).integers(0, 256, (4, 3, 16, 16), dtype=np.uint8)
-    first, again = (feats.random_init_encoder(model, torch.device("cpu"), seed=0)(images) for _ in range(2))
-    other = feats.random_init_encoder(model, torch.device("cpu"), seed=1)(images)
+    first, again = (feats.random_init_model(model, torch.device("cpu"), seed=0)(images) for _ in range(2))
+    other = feats.random_init_model(model, torch.device("cpu"), seed=1)(images)
     np.testing.assert_array_equal(first, again)
-    assert not np.allclose(first, other) and not np.allclose(first, model.encoder(images))
+    assert not np.allclose(first, other) and not np.allclose(first, model.features(images))
     big = np.random.default_rng(0).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8)
     pooled = feats.raw_pixels(big).reshape(2, 3, 32, 32)
     assert pooled[0, 1, 0, 0] == pytest.approx(big[0, 1, :2, :2].mean() / 255, abs=1e-6)
@@ -239,7 +241,7 @@ def test_knn_monitor_is_leave_one_out_and_restores_training_mode(fmnist_shards, 
     record = monitor(backbone, torch.device("cpu"))
     assert backbone.training and monitor.postfix() == {"knn": f"{record['knn_top1']:.3f}"}
     # The same number as the kNN protocol with the set split into bank and queries by leave-one-out.
-    extracted = feats.extract({"model": feats.TorchEncoder(backbone, config.views.mean, config.views.std,
+    extracted = feats.extract({"model": feats.TorchModel(backbone, config.views.mean, config.views.std,
                                                            torch.device("cpu"))}, str(fmnist_shards), 16, limit=120)
     x = torch.from_numpy(extracted.features["model"])
     y = torch.from_numpy(extracted.labels)
@@ -319,7 +321,7 @@ def test_eval_of_the_onnx_model_dir_and_of_the_run_dir_give_the_same_features(tr
     torch_model = feats.open_model(run_dir, torch.device("cpu"))
     assert (onnx_model.kind, torch_model.kind) == ("onnx", "torch")
     assert (onnx_model.image_size, onnx_model.arch, onnx_model.small_stem) == (32, "resnet18", False)
-    both = feats.extract({"onnx": onnx_model.encoder, "torch": torch_model.encoder}, "fashion-mnist:test", 32,
+    both = feats.extract({"onnx": onnx_model.features, "torch": torch_model.features}, "fashion-mnist:test", 32,
                          limit=100)
     scale = np.abs(both.features["torch"]).max()
     assert np.abs(both.features["onnx"] - both.features["torch"]).max() <= DEFAULT_TOLERANCE * scale

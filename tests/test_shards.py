@@ -12,7 +12,8 @@ from PIL import Image
 
 from pipeline import cli
 from pipeline.errors import UserError
-from pipeline.data.shards import read_fashion_mnist, write_shards
+from pipeline.data.fashion_mnist import read_fashion_mnist
+from pipeline.data.shards import write_shards
 from pipeline.data.stream import CorruptCounter, decode_rgb, expand_urls, iter_samples, label_of
 
 

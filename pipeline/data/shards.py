@@ -9,7 +9,6 @@ file is reported, never fatal. The walk is sorted: the same input always gives t
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import logging
@@ -23,21 +22,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.data.fashion_mnist import FASHION_MNIST_CLASSES, read_fashion_mnist
 from pipeline.errors import UserError
+from pipeline.files import write_json
 
 log = logging.getLogger(__name__)
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # where the Debian package installs it
-
-
-def fashion_mnist_dir() -> Path:
-    """BARLOW_FASHION_MNIST_DIR (the four .gz files copied elsewhere, e.g. where apt cannot run), else the
-    Debian package's folder."""
-    return Path(os.environ.get("BARLOW_FASHION_MNIST_DIR") or FASHION_MNIST_DIR)
-FASHION_MNIST_FILES = {"train": "train", "test": "t10k"}
-FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]
 SHARD_PATTERN = "shard-%06d.tar"
 DEFAULT_PER_SHARD = 5000
 JPEG_FORMATS = {"JPEG", "MPO"}  # MPO: multi-picture JPEG from phone cameras, still a plain JPEG to decoders
@@ -58,43 +48,6 @@ class Sample:
 
 
 # ---------------------------------------------------------------- Fashion-MNIST
-
-
-def _read_idx(path: Path, magic: int) -> np.ndarray:
-    """An IDX file (big-endian header: magic, then one uint32 per dimension; uint8 payload)."""
-    try:
-        raw = gzip.decompress(path.read_bytes())
-    except (OSError, EOFError) as exc:
-        raise UserError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    ndim = magic & 0xFF
-    header = np.frombuffer(raw[: 4 * (ndim + 1)], dtype=">u4")
-    if len(header) != ndim + 1 or header[0] != magic:
-        raise UserError(f"{path} is not an IDX file of the expected kind (magic {magic:#x})")
-    shape = tuple(int(d) for d in header[1:])
-    payload = np.frombuffer(raw, dtype=np.uint8, offset=4 * (ndim + 1))
-    if payload.size != int(np.prod(shape)):
-        raise UserError(f"{path} is truncated: expected {int(np.prod(shape))} bytes of data, got {payload.size}")
-    return payload.reshape(shape)
-
-
-def read_fashion_mnist(split: str, root: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Fashion-MNIST `train` or `test` as (images uint8 [N, 28, 28], labels int64 [N])."""
-    if split not in FASHION_MNIST_FILES:
-        raise UserError(f"unknown Fashion-MNIST split {split!r}; use train or test")
-    root = Path(root) if root is not None else fashion_mnist_dir()
-    stem = FASHION_MNIST_FILES[split]
-    images_path = root / f"{stem}-images-idx3-ubyte.gz"
-    labels_path = root / f"{stem}-labels-idx1-ubyte.gz"
-    if not images_path.is_file() or not labels_path.is_file():
-        raise UserError(
-            f"Fashion-MNIST is not installed in {root}; run `sudo apt-get install dataset-fashion-mnist` "
-            "or set BARLOW_FASHION_MNIST_DIR to a folder with its four .gz files"
-        )
-    images = _read_idx(images_path, 0x803)
-    labels = _read_idx(labels_path, 0x801).astype(np.int64)
-    if len(images) != len(labels):
-        raise UserError(f"Fashion-MNIST {split}: {len(images)} images but {len(labels)} labels")
-    return images, labels
 
 
 def _fashion_mnist_samples(split: str, limit: int | None) -> tuple[Iterator[Sample], int, list[str]]:
@@ -143,7 +96,9 @@ def sample_key(relative: Path) -> str:
     return "/".join(cleaned)
 
 
-def _unique(key: str, used: set[str]) -> str:
+def unique_key(relative: Path, used: set[str]) -> str:
+    """`sample_key` of a relative path, with _2, _3... added until it is not in `used` (then added to it)."""
+    key = sample_key(relative)
     candidate, n = key, 1
     while candidate in used:
         n += 1
@@ -208,7 +163,7 @@ def _folder_samples(
                 skipped.append({"source": str(path), "reason": reason})
                 continue
             yield Sample(
-                key=_unique(sample_key(relative), used), ext=ext, data=data, width=width, height=height,
+                key=unique_key(relative, used), ext=ext, data=data, width=width, height=height,
                 source=str(path), label=class_ids[relative.parts[0]] if labelled else None,
             )
 
@@ -280,9 +235,7 @@ def write_shards(
         "count": sum(counts), "shards": shards, "counts": counts + [0] * (len(shards) - len(counts)),
         "classes": classes, "source": source, "per_shard": per_shard, "skipped": skipped,
     }
-    tmp = out / "index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=1) + "\n")
-    tmp.replace(out / "index.json")
+    write_json(out / "index.json", index)
     return index
 
 

@@ -138,12 +138,15 @@ def split_by_worker(urls: list[str]) -> list[str]:
 
 
 class CorruptCounter:
-    """Samples seen and corrupt, and shards that failed to read, in this process."""
+    """Samples seen, corrupt and unlabelled, and shards that failed to read (the first one's reason kept),
+    in this process: the one tally of every reader of shards."""
 
     def __init__(self) -> None:
         self.seen = 0
         self.corrupt = 0
+        self.unlabelled = 0
         self.shard_errors = 0
+        self.first_shard_error: str | None = None
 
     @property
     def fraction(self) -> float:
@@ -168,6 +171,8 @@ class CorruptCounter:
 
     def shard_error(self, url: str, reason: str) -> None:
         self.shard_errors += 1
+        if self.first_shard_error is None:
+            self.first_shard_error = reason
         if self.shard_errors <= LOGGED_CORRUPT or self.shard_errors % LOG_EVERY == 0:
             log.warning("cannot read shard %s (%d so far): %s", url, self.shard_errors, reason)
 
@@ -208,13 +213,20 @@ def iter_samples(urls: Iterable[str], counter: CorruptCounter) -> Iterator[dict]
         yield from _shard_samples(url, counter)
 
 
-def decode_rgb(sample: dict) -> Image.Image:
-    """The sample's image as a decoded RGB PIL image, or CorruptSample with the reason."""
+def image_member(sample: dict) -> tuple[str, bytes]:
+    """The sample's image member as (extension, encoded bytes), or CorruptSample saying what it has."""
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if ext is None:
-        raise CorruptSample(f"no image member (has {', '.join(k for k in sample if not k.startswith('__'))})")
+        members = ", ".join(k for k in sample if not k.startswith("__")) or "nothing"
+        raise CorruptSample(f"no image member (has {members})")
+    return ext, sample[ext]
+
+
+def decode_rgb(sample: dict) -> Image.Image:
+    """The sample's image as a decoded RGB PIL image, or CorruptSample with the reason."""
+    ext, data = image_member(sample)
     try:
-        with Image.open(io.BytesIO(sample[ext])) as image:
+        with Image.open(io.BytesIO(data)) as image:
             image.load()
             return image.convert("RGB")
     except Exception as exc:  # PIL raises many types on bad bytes; untrusted data must not stop a run
@@ -224,18 +236,16 @@ def decode_rgb(sample: dict) -> Image.Image:
 def read_encoded(sample: dict) -> bytes:
     """The sample's encoded image bytes, once PIL has parsed their header (format and size, no pixel
     decoding), or CorruptSample with the reason. The cheap worker-side check of the raw-bytes mode."""
-    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-    if ext is None:
-        raise CorruptSample(f"no image member (has {', '.join(k for k in sample if not k.startswith('__'))})")
+    ext, data = image_member(sample)
     try:
-        with Image.open(io.BytesIO(sample[ext])) as image:
+        with Image.open(io.BytesIO(data)) as image:
             if image.width * image.height > Image.MAX_IMAGE_PIXELS:  # a decompression bomb for the GPU too
                 raise CorruptSample(f"{ext}: {image.width}x{image.height} pixels is above the limit")
     except CorruptSample:
         raise
     except Exception as exc:  # PIL raises many types on bad bytes
         raise CorruptSample(f"{ext}: {str(exc) or type(exc).__name__}") from None
-    return sample[ext]
+    return data
 
 
 class EncodedBatch(NamedTuple):

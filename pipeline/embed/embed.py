@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,8 +37,10 @@ import torch
 from tqdm import tqdm
 
 from pipeline.errors import UserError
+from pipeline.files import atomic_output, remove_stale_temps, write_json
 from pipeline.data.preprocess import BadImage, load_array, max_pixels_from_env
-from pipeline.data.stream import (IMAGE_EXTENSIONS, CorruptCounter, CorruptSample, expand_urls,
+from pipeline.data.shards import unique_key
+from pipeline.data.stream import (IMAGE_EXTENSIONS, CorruptCounter, CorruptSample, expand_urls, image_member,
                              iter_samples, label_of, read_index, split_by_node, split_by_worker)
 
 logger = logging.getLogger(__name__)
@@ -92,23 +93,10 @@ def unique_stems(urls: list[str]) -> list[str]:
             for s, u in zip(stems, urls)]  # sha1 names a file here; it protects nothing
 
 
-def _image_key(relative: Path, used: set[str]) -> str:
-    """A key from a relative path, unique in the collection (same rules as `barlow shards`)."""
-    from pipeline.data.shards import sample_key
-
-    key, n = sample_key(relative), 1
-    candidate = key
-    while candidate in used:
-        n += 1
-        candidate = f"{key}_{n}"
-    used.add(candidate)
-    return candidate
-
-
 def _file_shards(paths: list[tuple[Path, Path]], name: str, per_part: int) -> list[Shard]:
     """(path, relative) pairs, keyed and cut into parts of `per_part` in the given (sorted) order."""
     used: set[str] = set()
-    keyed = [(_image_key(relative, used), str(path)) for path, relative in paths]
+    keyed = [(unique_key(relative, used), str(path)) for path, relative in paths]
     return [Shard(f"{safe_name(name)}-{i // per_part:06d}", f"{name}[{i}:{i + per_part}]", tuple(keyed[i:i + per_part]))
             for i in range(0, len(keyed), per_part)]
 
@@ -207,17 +195,13 @@ def _source_of(sample: dict, url: str) -> str:
 def _tar_items(shard: Shard, counter: CorruptCounter) -> Iterator[tuple[str, str, int | None, bytes | Exception]]:
     for sample in iter_samples([shard.url], counter):
         key = sample["__key__"]
-        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-        if ext is None:
-            members = ", ".join(k for k in sample if not k.startswith("__")) or "nothing"
-            yield key, shard.url, None, CorruptSample(f"no image member (has {members})")
-            continue
         try:
+            _, data = image_member(sample)
             label = label_of(sample)
         except CorruptSample as exc:
             yield key, shard.url, None, exc
             continue
-        yield key, _source_of(sample, shard.url), label, sample[ext]
+        yield key, _source_of(sample, shard.url), label, data
 
 
 def _file_items(shard: Shard) -> Iterator[tuple[str, str, int | None, bytes | Exception]]:
@@ -228,28 +212,16 @@ def _file_items(shard: Shard) -> Iterator[tuple[str, str, int | None, bytes | Ex
             yield key, path, None, CorruptSample(f"cannot read the file: {exc.strerror or exc}")
 
 
-class _ShardCounter(CorruptCounter):
-    """Keeps the reasons a shard failed to read: any of them means its part must not be written."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.errors: list[str] = []
-
-    def shard_error(self, url: str, reason: str) -> None:
-        self.errors.append(reason)
-        super().shard_error(url, reason)
-
-
 def shard_batches(shard: Shard, size: int, batch_size: int, max_pixels: int) -> Iterator[Batch]:
     """Decoded batches of one shard; the last one has `last=True` (and `error` if reading failed)."""
-    counter = _ShardCounter()
+    counter = CorruptCounter()
     items = _file_items(shard) if shard.files is not None else _tar_items(shard, counter)
     keys, sources, labels, arrays, failures = [], [], [], [], []
 
     def batch(last: bool = False) -> Batch:
         images = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty((0, 3, size, size), dtype=torch.uint8)
         return Batch(shard.stem, list(keys), list(sources), list(labels), images, list(failures), last,
-                     counter.errors[0] if last and counter.errors else None)
+                     counter.first_shard_error if last else None)
 
     for key, source, label, data in items:
         try:
@@ -299,7 +271,7 @@ def part_schema(dim: int, meta: dict[str, Any] | None = None):
 
 def write_part(path: Path, keys: list[str], sources: list[str], labels: list[int | None], embeddings: np.ndarray,
                meta: dict[str, Any]) -> None:
-    """One part, atomically: temp file in the same folder, fsync, rename."""
+    """One part, written atomically."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -310,16 +282,8 @@ def write_part(path: Path, keys: list[str], sources: list[str], labels: list[int
     table = pa.Table.from_arrays(
         [pa.array(keys, pa.string()), pa.array(sources, pa.string()), pa.array(labels, pa.int32()),
          pa.FixedSizeListArray.from_arrays(flat, dim)], schema=schema)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as file:
-            pq.write_table(table, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as temp:
+        pq.write_table(table, temp)
 
 
 def read_part_meta(path: Path) -> dict[str, Any] | None:
@@ -382,20 +346,8 @@ def write_manifest(out: Path, model: dict[str, Any], data: str, run: dict[str, A
         "runs": runs,
         "updated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    write_json_atomic(manifest, out / "manifest.json")
+    write_json(out / "manifest.json", manifest)
     return manifest
-
-
-def write_json_atomic(data: dict[str, Any], path: Path) -> None:
-    """Temp file with a unique name (pods sharing a folder may share a pid), then rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as file:
-            file.write(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------- the run
@@ -452,8 +404,7 @@ def embed(model_dir: str | Path, data: str, out: str | Path, *, batch_size: int 
     check_same_model(done, model, out)
     todo = [s for s in mine if s.part_name not in done]
     for shard in todo:  # temp files of a killed run of this share; other shares' are not ours to touch
-        for stale in out.glob(f".{shard.part_name}.*.tmp"):
-            stale.unlink(missing_ok=True)
+        remove_stale_temps(out / shard.part_name)
     logger.info("share %d/%d: %d of %d shards, %d already embedded, %d to do", part_of[0], part_of[1], len(mine),
                 len(shards), len(mine) - len(todo), len(todo))
 
@@ -499,7 +450,7 @@ class _Stats:
 def _embed_shards(todo: list[Shard], model_dir: Path, out: Path, model: dict[str, Any], data: str, *,
                   batch_size: int, workers: int | None, device: str, threads: int, normalize: bool) -> _Stats:
     """Decode in DataLoader workers, embed in this process, write each shard's part when it closes."""
-    from pipeline.runtime import OnnxEncoder, l2_normalize, usable_cpus
+    from pipeline.runtime import OnnxModel, l2_normalize, usable_cpus
 
     start = time.perf_counter()
     stats = _Stats()
@@ -510,7 +461,7 @@ def _embed_shards(todo: list[Shard], model_dir: Path, out: Path, model: dict[str
                                          prefetch_factor=4 if stats.workers else None)
     # Workers fork here, before ONNX Runtime starts its threads (and CUDA), and decode while it loads.
     batches = iter(loader)
-    encoder = OnnxEncoder(model_dir, device, threads, batch_size)
+    encoder = OnnxModel(model_dir, device, threads, batch_size)
     stats.providers = encoder.providers
     by_stem = {s.stem: s for s in todo}
     open_parts: dict[str, _OpenPart] = {}

@@ -18,7 +18,6 @@ import argparse
 import datetime as dt
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,9 @@ from tqdm import tqdm
 
 from pipeline.embed.embed import read_part_meta
 from pipeline.errors import UserError
-from pipeline.embed.search import INDEX_FORMAT, normalized
+from pipeline.files import atomic_output, write_json
+from pipeline.embed.search import INDEX_FORMAT
+from pipeline.runtime import l2_normalize
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def read_embeddings(path: Path):
     column = table.column("embedding").combine_chunks()
     dim = column.type.list_size
     vectors = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
-    return table.select(["key", "source", "label"]), normalized(vectors)
+    return table.select(["key", "source", "label"]), l2_normalize(vectors)
 
 
 def pq_subquantizers(dim: int) -> int:
@@ -141,7 +142,6 @@ def build_index(emb_dir: str | Path, out: str | Path, kind: str = "flat") -> dic
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.export import write_json
 
     if kind not in KINDS:
         raise UserError(f"--kind must be one of {', '.join(KINDS)}, not {kind!r}")
@@ -166,18 +166,17 @@ def build_index(emb_dir: str | Path, out: str | Path, kind: str = "flat") -> dic
         tables.append(table)
     keys = pa.concat_tables(tables)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = f".{os.getpid()}.tmp"
-    faiss.write_index(index, str(out / f".index.faiss{suffix}"))
-    pq.write_table(keys, out / f".keys.parquet{suffix}")
-    os.replace(out / f".index.faiss{suffix}", out / "index.faiss")
-    os.replace(out / f".keys.parquet{suffix}", out / "keys.parquet")
+    with atomic_output(out / "index.faiss") as temp:
+        faiss.write_index(index, str(temp))
+    with atomic_output(out / "keys.parquet") as temp:
+        pq.write_table(keys, temp)
     info = {
         "format": INDEX_FORMAT, "model": model, "dim": dim, "metric": METRIC, "kind": kind, "count": int(index.ntotal),
         **params, "parts": len(parts), "source": str(emb_dir.resolve()),
         "build_s": round(time.perf_counter() - start, 3),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    write_json(info, out / "index.json")
+    write_json(out / "index.json", info)
     logger.info("indexed %d embeddings (%s, dim %d) in %.1f s", info["count"], kind, dim, info["build_s"])
     return info
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.runtime import l2_normalize
 
 logger = logging.getLogger(__name__)
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # else one INFO line per CPU feature it probes
@@ -25,13 +26,6 @@ logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # else one INFO lin
 INDEX_FORMAT = "barlow-embed/index/1"
 DEFAULT_K = 10
 MAX_K = 1000
-
-
-def normalized(vectors: np.ndarray) -> np.ndarray:
-    """float32 rows of unit length (cosine similarity = inner product)."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.maximum(norms, 1e-12)
 
 
 class SearchIndex:
@@ -87,7 +81,7 @@ class SearchIndex:
         """The k nearest indexed items of each embedding, best first."""
         if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
             raise ValueError(f"expected embeddings [N, {self.dim}], got {list(embeddings.shape)}")
-        scores, ids = self.index.search(normalized(embeddings), min(k, len(self)))
+        scores, ids = self.index.search(l2_normalize(embeddings), min(k, len(self)))
         return [[self.row(int(i), s) for i, s in zip(row_ids, row_scores) if i >= 0]
                 for row_ids, row_scores in zip(ids, scores)]
 
@@ -135,7 +129,7 @@ def check_k(k: int) -> int:
 def embed_files(model_dir: Path, paths: list[Path], device: str = "auto") -> tuple[np.ndarray, dict[str, Any]]:
     """Image files -> L2-normalised embeddings, preprocessed as /embed and barlow embed do."""
     from pipeline.data.preprocess import BadImage, load_array, max_pixels_from_env
-    from pipeline.runtime import OnnxEncoder, l2_normalize, load_model_info
+    from pipeline.runtime import OnnxModel, load_model_info
 
     info = load_model_info(model_dir)
     size, max_pixels = int(info["image_size"]), max_pixels_from_env()
@@ -147,7 +141,7 @@ def embed_files(model_dir: Path, paths: list[Path], device: str = "auto") -> tup
             raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
         except BadImage as exc:
             raise UserError(f"{path}: {exc}") from None
-    encoder = OnnxEncoder(model_dir, device, max_batch=len(arrays))
+    encoder = OnnxModel(model_dir, device, max_batch=len(arrays))
     return l2_normalize(encoder(np.stack(arrays))), info
 
 

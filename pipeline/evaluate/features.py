@@ -1,16 +1,13 @@
-"""Backbone features of labelled images, for evaluation: one read of the data, several encoders.
+"""Backbone features of labelled images, for evaluation: one read of the data, several feature functions.
 
-An encoder here is any callable `uint8 RGB [B, 3, S, S] (numpy) -> float32 [B, D] (numpy)`: the
-exported `model.onnx` under ONNX Runtime, the trained `encoder.pt` under torch, the same
-architecture at random initialisation, or the raw pixels. Images come from a SRC as `barlow shards`
-takes it (`fashion-mnist:train|test`) or from shard URLs, and always pass through
-`pipeline.data.preprocess`, the preprocessing serving and batch embedding use: the evaluated embedding is
-the served one. Corrupt or unlabelled samples are skipped and counted, never fatal.
+A feature function is any callable `uint8 RGB [B, 3, S, S] (numpy) -> float32 [B, D] (numpy)`: the
+exported `model.onnx` under ONNX Runtime (`runtime.OnnxModel`), the trained `encoder.pt` under torch
+(`TorchModel`), the same architecture at random initialisation, or the raw pixels. Images come from
+`data.labelled`, which preprocesses them exactly as serving and batch embedding do.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -20,16 +17,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from pipeline.data import stream
+from pipeline.data.labelled import class_names, iter_labelled
+from pipeline.data.stream import CorruptCounter
 from pipeline.errors import UserError
-from pipeline.data.preprocess import BadImage, image_to_array, load_array
 
 log = logging.getLogger(__name__)
 
-Encoder = Callable[[np.ndarray], np.ndarray]
+FeatureFn = Callable[[np.ndarray], np.ndarray]
 RAW_PIXELS_SIZE = 32  # the raw-pixel baseline looks at (at most) 32 x 32 images, the "tiny images" baseline
 
 
@@ -50,10 +46,10 @@ class Features:
 
 
 @dataclass
-class Model:
-    """An encoder and what evaluation needs to know about it."""
+class EvaluatedModel:
+    """The model under evaluation as a feature function, and what evaluation needs to know about it."""
 
-    encoder: Encoder
+    features: FeatureFn
     image_size: int
     arch: str
     small_stem: bool
@@ -64,24 +60,16 @@ class Model:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} but torch sees no GPU")
-    return torch.device(name)
+# ---------------------------------------------------------------- feature functions
 
 
-# ---------------------------------------------------------------- encoders
-
-
-class TorchEncoder:
-    """A backbone under torch with the ONNX graph's normalisation (`export.ImageEncoder`), on `device`."""
+class TorchModel:
+    """A backbone under torch with the ONNX graph's normalisation (`export.FeatureExtractor`), on `device`."""
 
     def __init__(self, backbone: torch.nn.Module, mean, std, device: torch.device):
-        from pipeline.export import ImageEncoder
+        from pipeline.export import FeatureExtractor
 
-        self.module = ImageEncoder(backbone, tuple(mean), tuple(std)).to(device).eval()
+        self.module = FeatureExtractor(backbone, tuple(mean), tuple(std)).to(device).eval()
         self.device = device
 
     @torch.inference_mode()
@@ -98,31 +86,32 @@ def raw_pixels(images: np.ndarray) -> np.ndarray:
     return tensor.flatten(1).numpy()
 
 
-def random_init_encoder(model: Model, device: torch.device, seed: int = 0) -> TorchEncoder:
+def random_init_model(model: EvaluatedModel, device: torch.device, seed: int = 0) -> TorchModel:
     """The same architecture as `model`, randomly initialised with a fixed seed: the untrained baseline."""
-    from pipeline.train.model import build_encoder
+    from pipeline.train.model import build_backbone
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        backbone, _ = build_encoder(model.arch, model.small_stem)
-    return TorchEncoder(backbone.eval(), model.mean, model.std, device)
+        backbone, _ = build_backbone(model.arch, model.small_stem)
+    return TorchModel(backbone.eval(), model.mean, model.std, device)
 
 
-def open_model(path: str | Path, device: torch.device) -> Model:
+def open_model(path: str | Path, device: torch.device) -> EvaluatedModel:
     """MODEL_DIR (model.onnx + model.json, run by ONNX Runtime) or RUN_DIR / encoder.pt (run by torch)."""
     path = Path(path)
     if (path / "model.onnx").is_file():
+        from pipeline.runtime import OnnxModel
+
+        onnx = OnnxModel(path, device="cuda" if device.type == "cuda" else "cpu")
+        info = onnx.info
         try:
-            info = json.loads((path / "model.json").read_text())
             model_config, size = info["config"]["model"], int(info["image_size"])
             mean, std = tuple(info["mean"]), tuple(info["std"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"{path / 'model.json'} is missing or unreadable ({exc}); re-run barlow export") from None
-        from pipeline.runtime import OnnxEncoder
-
-        encoder = OnnxEncoder(path, device="cuda" if device.type == "cuda" else "cpu")
-        return Model(encoder, size, model_config["arch"], bool(model_config["small_stem"]), mean, std, "onnx",
-                     str(path), {"provider": encoder.providers[0], "name": info.get("name")})
+            arch, small_stem = model_config["arch"], bool(model_config["small_stem"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{path / 'model.json'} lacks a field evaluation needs ({exc}); re-run barlow export") from None
+        return EvaluatedModel(onnx, size, arch, small_stem, mean, std, "onnx", str(path),
+                              {"provider": onnx.providers[0], "name": info.get("name")})
     checkpoint = path / "encoder.pt" if path.is_dir() else path
     if not checkpoint.is_file():
         raise UserError(f"{path} is neither a MODEL_DIR (model.onnx) nor a RUN_DIR (encoder.pt) nor an encoder.pt")
@@ -130,75 +119,9 @@ def open_model(path: str | Path, device: torch.device) -> Model:
 
     backbone, config = load_encoder(checkpoint)
     views = config.views
-    return Model(TorchEncoder(backbone, views.mean, views.std, device), views.image_size, config.model.arch,
-                 config.model.small_stem, tuple(views.mean), tuple(views.std), "torch", str(path),
-                 {"device": str(device)})
-
-
-# ---------------------------------------------------------------- labelled images
-
-
-class Tally:
-    """Samples read from a SRC, and how many of them were corrupt or had no label."""
-
-    def __init__(self) -> None:
-        self.seen = self.corrupt = self.unlabelled = 0
-
-
-def iter_labelled(src: str, size: int, tally: Tally, limit: int | None = None) -> Iterator[tuple[np.ndarray, int]]:
-    """(uint8 [3, size, size], label) of each usable sample of SRC, in order; the rest counted in `tally`."""
-    if src.startswith("fashion-mnist:"):
-        from pipeline.data.shards import read_fashion_mnist
-
-        images, labels = read_fashion_mnist(src.partition(":")[2])
-        for pixels, label in zip(images[:limit], labels[:limit]):
-            tally.seen += 1
-            # A decoded grayscale image, exactly what the PNG in a shard decodes to.
-            yield image_to_array(Image.fromarray(pixels), size), int(label)  # uint8 [28, 28]: mode L
-        return
-    counter = stream.CorruptCounter()
-    produced = 0
-    for sample in stream.iter_samples(stream.expand_urls(src), counter):
-        if limit is not None and produced >= limit:
-            break
-        tally.seen += 1
-        ext = next((e for e in stream.IMAGE_EXTENSIONS if e in sample), None)
-        try:
-            if ext is None:
-                raise stream.CorruptSample("no image member")
-            label = stream.label_of(sample)
-            array = load_array(sample[ext], size)
-        except (stream.CorruptSample, BadImage) as exc:
-            tally.corrupt += 1
-            if tally.corrupt <= stream.LOGGED_CORRUPT:
-                log.warning("corrupt sample %s in %s skipped: %s", sample.get("__key__"), sample.get("__url__"), exc)
-            continue
-        if label is None:
-            tally.unlabelled += 1
-            continue
-        produced += 1
-        yield array, label
-    tally.corrupt += counter.shard_errors  # unreadable shards or tar members: counted, not fatal
-
-
-def check_source(src: str) -> None:
-    """Fail fast, before any model is loaded, on a SRC that cannot be read."""
-    if src.startswith("fashion-mnist:"):
-        from pipeline.data.shards import FASHION_MNIST_FILES
-
-        if src.partition(":")[2] not in FASHION_MNIST_FILES:
-            raise UserError(f"unknown Fashion-MNIST split in {src!r}; use fashion-mnist:train or fashion-mnist:test")
-    else:
-        stream.expand_urls(src)
-
-
-def class_names(src: str) -> list[str] | None:
-    if src.startswith("fashion-mnist:"):
-        from pipeline.data.shards import FASHION_MNIST_CLASSES
-
-        return list(FASHION_MNIST_CLASSES)
-    index = stream.read_index(src)
-    return index.get("classes") if index else None
+    return EvaluatedModel(TorchModel(backbone, views.mean, views.std, device), views.image_size, config.model.arch,
+                          config.model.small_stem, tuple(views.mean), tuple(views.std), "torch", str(path),
+                          {"device": str(device)})
 
 
 def _batches(items: Iterator[tuple[np.ndarray, int]], batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -213,26 +136,27 @@ def _batches(items: Iterator[tuple[np.ndarray, int]], batch_size: int) -> Iterat
         yield np.stack(images), np.asarray(labels, dtype=np.int64)
 
 
-def extract(encoders: dict[str, Encoder], src: str, size: int, batch_size: int = 256, limit: int | None = None,
+def extract(functions: dict[str, FeatureFn], src: str, size: int, batch_size: int = 256, limit: int | None = None,
             desc: str = "features") -> Features:
-    """Run every encoder over the labelled images of SRC (read and preprocessed once), in batches."""
+    """Run every feature function over the labelled images of SRC (read and preprocessed once), in batches."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
     start = time.perf_counter()
-    tally = Tally()
-    chunks: dict[str, list[np.ndarray]] = {name: [] for name in encoders}
+    counter = CorruptCounter()
+    chunks: dict[str, list[np.ndarray]] = {name: [] for name in functions}
     labels: list[np.ndarray] = []
     with tqdm(desc=desc, unit="img", total=limit, leave=False) as bar:
-        for images, batch_labels in _batches(iter_labelled(src, size, tally, limit), batch_size):
-            for name, encoder in encoders.items():
-                chunks[name].append(np.asarray(encoder(images), dtype=np.float32))
+        for images, batch_labels in _batches(iter_labelled(src, size, counter, limit), batch_size):
+            for name, function in functions.items():
+                chunks[name].append(np.asarray(function(images), dtype=np.float32))
             labels.append(batch_labels)
             bar.update(len(images))
+    corrupt = counter.corrupt + counter.shard_errors  # unreadable shards or tar members: counted, not fatal
     if not labels:
-        raise UserError(f"{src} has no labelled images ({tally.seen} samples read, {tally.corrupt} corrupt, "
-                        f"{tally.unlabelled} without a .cls label); evaluation needs labelled data")
-    if tally.corrupt or tally.unlabelled:
-        log.warning("%s: skipped %d corrupt and %d unlabelled of %d samples", src, tally.corrupt, tally.unlabelled,
-                    tally.seen)
+        raise UserError(f"{src} has no labelled images ({counter.seen} samples read, {corrupt} corrupt, "
+                        f"{counter.unlabelled} without a .cls label); evaluation needs labelled data")
+    if corrupt or counter.unlabelled:
+        log.warning("%s: skipped %d corrupt and %d unlabelled of %d samples", src, corrupt, counter.unlabelled,
+                    counter.seen)
     return Features({name: np.concatenate(parts) for name, parts in chunks.items()}, np.concatenate(labels),
-                    tally.seen, tally.corrupt, tally.unlabelled, class_names(src), time.perf_counter() - start)
+                    counter.seen, corrupt, counter.unlabelled, class_names(src), time.perf_counter() - start)

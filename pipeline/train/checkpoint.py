@@ -1,16 +1,15 @@
 """Checkpoint files: the full training state (`checkpoints/last.pt`) and the exported `encoder.pt`.
 
-Writes go to a temp file in the same directory, are fsynced, then renamed: a kill at any moment
-leaves either the previous file or the new one, never a torn one. Loads use
+This module alone builds and reads both dicts. Writes are atomic (`files.save_torch`): a kill at any
+moment leaves the previous file or the new one, never a torn one. Loads use
 `torch.load(weights_only=True)`, so a checkpoint can never run code; every value stored here is a
 tensor, a number, a string or a container of those.
 """
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
+import random
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,46 +19,18 @@ from torch import nn
 
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.train.model import build_encoder
+from pipeline.files import remove_stale_temps, save_torch
+from pipeline.train.model import build_backbone
 
 ENCODER_FORMAT = "barlow-embed/encoder/1"
 TRAINING_FORMAT = "barlow-embed/training/1"
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """Write `obj` to `path` via a temp file and a rename. A write the disk refuses (full, quota, file-size
-    limit) is one sentence and leaves the previous file in place.
-
-    Temp files of an earlier save killed midway (kill -9, OOM) are removed first: each path has one writer,
-    so they are never in use, and a job preempted again and again must not fill its disk with them.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        refused = _os_error(exc)
-        if refused is not None:
-            raise UserError(f"cannot write {path}: {refused.strerror or refused}; the previous {path.name} "
-                            "(if any) is kept") from None
-        raise
-
-
-def _os_error(exc: BaseException) -> OSError | None:
-    """The OSError behind `exc`: torch.save reports a failed write as a RuntimeError raised while handling it."""
-    while exc is not None:
-        if isinstance(exc, OSError):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
+    """`files.save_torch`, first removing temp files of saves killed midway (kill -9, OOM): a checkpoint
+    has one writer, and a job preempted again and again must not fill its disk with them."""
+    remove_stale_temps(Path(path))
+    save_torch(path, obj)
 
 
 def safe_load(path: str | Path, expected_format: str) -> dict[str, Any]:
@@ -80,6 +51,41 @@ def safe_load(path: str | Path, expected_format: str) -> dict[str, Any]:
     return data
 
 
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random state: torch (CPU and, on CUDA, the device) and Python's."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    random.setstate(state["python"])
+
+
+def save_training(path: Path, *, config: Config, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                  rng: list[dict[str, Any]], first_crosscorr: torch.Tensor | None, first_crosscorr_step: int) -> None:
+    """The full training state: model, optimizer, step, the RNG state of every rank (index = rank) and the
+    first logged cross-correlation (for the before/after plot)."""
+    atomic_save({
+        "format": TRAINING_FORMAT, "config": config.to_dict(), "step": step,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng,
+        "crosscorr_first": first_crosscorr, "crosscorr_first_step": first_crosscorr_step,
+    }, path)
+
+
+def load_training(path: Path, config: Config) -> dict[str, Any]:
+    """The training state at `path`, refused when it was trained with another model section."""
+    state = safe_load(path, TRAINING_FORMAT)
+    if state["config"]["model"] != config.to_dict()["model"]:
+        raise UserError(f"{path} was trained with a different model section; use a new --out")
+    return state
+
+
 def save_encoder(path: str | Path, backbone: nn.Module, config: Config, step: int) -> None:
     state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
     atomic_save({"format": ENCODER_FORMAT, "backbone": state, "config": config.to_dict(), "step": step}, path)
@@ -89,7 +95,7 @@ def load_encoder(path: str | Path) -> tuple[nn.Module, Config]:
     """The trained backbone (eval mode, CPU) and the resolved config it was trained with."""
     data = safe_load(path, ENCODER_FORMAT)
     config = Config.from_dict(data["config"])
-    backbone, _ = build_encoder(config.model.arch, config.model.small_stem)
+    backbone, _ = build_backbone(config.model.arch, config.model.small_stem)
     try:
         backbone.load_state_dict(data["backbone"])
     except RuntimeError as exc:

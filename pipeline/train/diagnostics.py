@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from pipeline.files import write_text
 
 
 def rankme(embeddings: torch.Tensor, eps: float = 1e-7) -> float:
@@ -36,9 +37,7 @@ class MetricsLog:
         self.path = path
         if path.exists():  # a killed run may have logged steps after its last checkpoint: they are redone
             kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
-            temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a kill mid-rewrite keeps the old file
-            temp.write_text("".join(line + "\n" for line in kept))
-            os.replace(temp, path)
+            write_text(path, "".join(line + "\n" for line in kept))  # a kill mid-rewrite keeps the old file
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as file:

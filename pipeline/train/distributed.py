@@ -1,4 +1,4 @@
-"""Global-batch statistics across processes: rank helpers, an autograd-aware sum and GlobalBatchNorm.
+"""Training across processes: joining the group, rank helpers, an autograd-aware sum and GlobalBatchNorm.
 
 Barlow Twins standardises embeddings and normalises BatchNorm layers with statistics of the GLOBAL
 batch. torch's SyncBatchNorm raises on CPU tensors, so gloo/CPU DDP (the CI tests) could not use it;
@@ -8,6 +8,8 @@ are exactly those of one process on the concatenated batch.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
@@ -25,6 +27,52 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
+
+
+def launch_rank() -> int:
+    """This process's global rank as torchrun sets it, known before the process group is joined."""
+    return int(os.environ.get("RANK", 0))
+
+
+def local_rank() -> int:
+    """This process's rank on its node (torchrun's LOCAL_RANK; 0 without torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group torchrun describes (env://), in a store namespace of this restart attempt.
+
+    torchrun's agent keeps one TCPStore for all restarts of the group (--max-restarts), and the process
+    group's keys (each rank's address) carry no attempt number: a restarted rank can read the address of
+    a rank from the previous attempt, which is dead, and fail to connect ("Connection refused") until the
+    restarts run out. The attempt prefix gives every restart fresh keys.
+    """
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        store, rank, world_size = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"barlow/attempt_{attempt}", store)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store,
+                                rank=rank, world_size=world_size)
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when any rank's flag is set, so all ranks stop at the same step."""
+    if world_size() == 1:
+        return flag
+    value = torch.tensor(int(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value)
+
+
+def all_gather_objects(obj: object) -> list[object]:
+    """`obj` of every rank, in rank order (a one-element list in a single process)."""
+    if world_size() == 1:
+        return [obj]
+    gathered: list[object] = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 class _AllReduceSum(torch.autograd.Function):

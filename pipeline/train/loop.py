@@ -4,6 +4,8 @@ The loop is the official one (two views -> backbone -> projector -> cross-correl
 plus what a production job needs: exact resume from `checkpoints/last.pt` (model, optimizer, step,
 RNG states of every rank, data position), a checkpoint on SIGTERM so a preempted pod loses at most the
 work since the last save, a stop with a clear message on a non-finite loss, metrics and plots.
+`train()` reads top to bottom: `set_up` (device, model, optimizer, resume), the loop, `finish`;
+`RunLog` writes what each logged step shows.
 """
 
 from __future__ import annotations
@@ -11,11 +13,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import random
 import signal
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +25,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.train import diagnostics
-from pipeline.train import distributed
-from pipeline.data import gpu_views
-from pipeline.data import stream
-from pipeline.train.checkpoint import TRAINING_FORMAT, atomic_save, safe_load, save_encoder
 from pipeline.config import Config, apply, load_yaml, parse_overrides, save_yaml
+from pipeline.data import gpu_views, stream
+from pipeline.data.views import TwoViews
+from pipeline.devices import torch_device
 from pipeline.errors import UserError
+from pipeline.train import diagnostics, distributed
+from pipeline.train.checkpoint import load_training, rng_state, save_encoder, save_training, set_rng_state
 from pipeline.train.loss import barlow_twins_loss, off_diagonal
 from pipeline.train.model import BarlowTwins
 from pipeline.train.optim import build_optimizer, set_lr
 from pipeline.train.presets import PRESETS
-from pipeline.data.views import TwoViews
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,8 @@ def resolve_config(args) -> Config:
 def run(args) -> int:
     config = resolve_config(args)
     monitor = None
-    if args.monitor_data and int(os.environ.get("RANK", 0)) == 0:  # the kNN runs on rank 0 only
-        from pipeline.evaluate.run import KnnMonitor
+    if args.monitor_data and distributed.launch_rank() == 0:  # the kNN runs on rank 0 only
+        from pipeline.train.monitor import KnnMonitor
 
         monitor = KnnMonitor(args.monitor_data, config.views.image_size, config.views.mean, config.views.std,
                              every=args.monitor_every or config.train.diag_every)
@@ -105,7 +106,7 @@ class Plan:
     warmup_steps: int
 
 
-def make_plan(config: Config, urls: list[str], world: int) -> Plan:
+def make_plan(config: Config, world: int) -> Plan:
     batch = config.optim.batch_size
     if batch % world:
         raise UserError(f"optim.batch_size={batch} is not divisible by the {world} processes")
@@ -123,17 +124,6 @@ def make_plan(config: Config, urls: list[str], world: int) -> Plan:
     return Plan(batch // world, steps_per_epoch, total, warmup)
 
 
-def pick_device(config: Config) -> torch.device:
-    wanted = config.train.device
-    if wanted == "auto":
-        wanted = "cuda" if torch.cuda.is_available() else "cpu"
-    if wanted == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("train.device=cuda but torch sees no GPU")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(wanted)
-
-
 def pick_data_path(config: Config, device: torch.device) -> str:
     """`train.data_path`: gpu (decode and augment on the device, gpu_views.py), cpu (in DataLoader
     workers, views.py) or auto: gpu on CUDA, else cpu. `gpu` on a CPU device runs the same code there."""
@@ -143,24 +133,6 @@ def pick_data_path(config: Config, device: torch.device) -> str:
     if wanted not in ("cpu", "gpu"):
         raise UserError(f"train.data_path must be auto, cpu or gpu, not {wanted!r}")
     return wanted
-
-
-def init_distributed(device: torch.device) -> None:
-    """Join the process group torchrun describes (env://), in a store namespace of this restart attempt.
-
-    torchrun's agent keeps one TCPStore for all restarts of the group (--max-restarts), and the process
-    group's keys (each rank's address) carry no attempt number: a restarted rank can read the address of
-    a rank from the previous attempt, which is dead, and fail to connect ("Connection refused") until the
-    restarts run out. The attempt prefix gives every restart fresh keys.
-    """
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.distributed.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        store, rank, world_size = next(torch.distributed.rendezvous("env://"))
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = torch.distributed.PrefixStore(f"barlow/attempt_{attempt}", store)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store,
-                                             rank=rank, world_size=world_size)
 
 
 class StopFlag:
@@ -184,193 +156,151 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def any_rank(flag: bool, device: torch.device, world: int) -> bool:
-    """True on every rank when any rank's flag is set, so all ranks stop at the same step."""
-    if world == 1:
-        return flag
-    value = torch.tensor(int(flag), device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value)
+@dataclass
+class Run:
+    """What a run sets up once: where it runs, the model and optimizer, and how batches are made."""
+
+    config: Config
+    run_dir: Path
+    device: torch.device
+    rank: int
+    world: int
+    plan: Plan
+    urls: list[str]
+    core: nn.Module  # BarlowTwins: what checkpoints hold
+    model: nn.Module  # core, or core in DistributedDataParallel
+    optimizer: torch.optim.Optimizer
+    autocast: Any
+    memory_format: torch.memory_format
+    data_path: str
+    views: TwoViews | gpu_views.GpuTwoViews
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.pt"
 
 
-def rng_state(device: torch.device) -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "python": random.getstate(),
-    }
+@dataclass
+class Progress:
+    """The loop's state: the step, the cross-correlation plots' endpoints, corrupt samples, the stop."""
+
+    step: int = 0
+    first_crosscorr: torch.Tensor | None = None
+    first_crosscorr_step: int = 0
+    last_crosscorr: torch.Tensor | None = None
+    counter: stream.CorruptCounter = field(default_factory=stream.CorruptCounter)
+    stopped_by_signal: bool = False
 
 
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state.get("cuda") is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    random.setstate(state["python"])
-
-
-def train(config: Config, run_dir: Path, monitor=None) -> dict[str, Any]:
-    """`monitor`: an `evaluate.KnnMonitor`, run on rank 0 at logging steps; its accuracy goes into the record."""
-    device = pick_device(config)
-    init_distributed(device)
+def set_up(config: Config, run_dir: Path) -> tuple[Run, Progress]:
+    """Device and process group, seeded model and optimizer, then the checkpoint's state if there is one."""
+    device = torch_device(config.train.device)
+    distributed.init_distributed(device)
     rank, world = distributed.rank(), distributed.world_size()
-    is_main = rank == 0
     if config.train.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(config.train.seed)  # same initial weights on every rank
     random.seed(config.train.seed)
-
     urls = stream.expand_urls(config.data.urls)
-    plan = make_plan(config, urls, world)
-    checkpoint_path = run_dir / "checkpoints" / "last.pt"
+    plan = make_plan(config, world)
     on_cuda = device.type == "cuda"
     bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and on_cuda)
     data_path = pick_data_path(config, device)
 
-    model: nn.Module = BarlowTwins(config.model.arch, config.model.small_stem, config.model.projector)
+    core: nn.Module = BarlowTwins(config.model.arch, config.model.small_stem, config.model.projector)
     if world > 1:
-        model = distributed.convert_batchnorm(model)
+        core = distributed.convert_batchnorm(core)
     memory_format = torch.channels_last if on_cuda else torch.preserve_format
-    model.to(device, memory_format=memory_format)
+    core.to(device, memory_format=memory_format)
     if on_cuda and not config.train.deterministic:
         torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest conv algorithms once
-    optimizer = build_optimizer(model, config.optim)
+    optimizer = build_optimizer(core, config.optim)
 
-    step, first_crosscorr, first_crosscorr_step = 0, None, 0
+    progress = Progress()
+    checkpoint_path = run_dir / "checkpoints" / "last.pt"
     if checkpoint_path.exists():
-        state = safe_load(checkpoint_path, TRAINING_FORMAT)
-        if state["config"]["model"] != config.to_dict()["model"]:
-            raise UserError(f"{checkpoint_path} was trained with a different model section; use a new --out")
-        model.load_state_dict(state["model"])
+        state = load_training(checkpoint_path, config)
+        core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
+        progress.step = int(state["step"])
         set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0], device)
-        first_crosscorr, first_crosscorr_step = state.get("crosscorr_first"), int(state.get("crosscorr_first_step", 0))
-        log.info("resuming %s at step %d of %d", run_dir, step, plan.total_steps)
+        progress.first_crosscorr = progress.last_crosscorr = state.get("crosscorr_first")
+        progress.first_crosscorr_step = int(state.get("crosscorr_first_step", 0))
+        log.info("resuming %s at step %d of %d", run_dir, progress.step, plan.total_steps)
 
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(config, run_dir / "config.yaml")
-    metrics = diagnostics.MetricsLog(run_dir / "metrics.jsonl", step) if is_main else None
-    gauges = None
-    if config.train.metrics_port and int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        gauges = diagnostics.PrometheusGauges(config.train.metrics_port)
-        if monitor:
-            monitor.attach(gauges)
-
-    core = model
+    model = core
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None)
+        model = nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if on_cuda else None)
     if config.train.compile:
         core.backbone.compile()
-    transform = TwoViews(config.views) if data_path == "cpu" else None
-    device_views = None if data_path == "cpu" else gpu_views.GpuTwoViews(
+    views = TwoViews(config.views) if data_path == "cpu" else gpu_views.GpuTwoViews(
         config.views, torch.bfloat16 if bf16 else torch.float32, compile=config.train.compile)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    run = Run(config, run_dir, device, rank, world, plan, urls, core, model, optimizer, autocast, memory_format,
+              data_path, views)
+    return run, progress
 
-    def save_checkpoint(at_step: int) -> None:
-        rng = [rng_state(device)]
-        if world > 1:
-            rng = [None] * world
-            torch.distributed.all_gather_object(rng, rng_state(device))
-        if is_main:
-            atomic_save({
-                "format": TRAINING_FORMAT, "config": config.to_dict(), "step": at_step,
-                "model": core.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng,
-                "schedule": {"total_steps": plan.total_steps, "warmup_steps": plan.warmup_steps,
-                             "steps_per_epoch": plan.steps_per_epoch},
-                "crosscorr_first": first_crosscorr, "crosscorr_first_step": first_crosscorr_step,
-            }, checkpoint_path)
 
-    bar = tqdm(total=plan.total_steps, initial=step, disable=not is_main, unit="step", dynamic_ncols=True)
-    counter = stream.CorruptCounter()
-    stopped_by_signal = False
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    last_log_time, last_log_step = time.perf_counter(), step
-    last_crosscorr = first_crosscorr
-    model.train()
+def epoch_batches(run: Run, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, int]]:
+    """(view1, view2, samples seen, corrupt) on the device for steps [start, end of epoch) of `epoch`."""
+    config, plan = run.config, run.plan
+    batches = stream.train_loader(
+        run.urls, transform=run.views if run.data_path == "cpu" else None, per_rank_batch=plan.per_rank_batch,
+        steps=min(plan.steps_per_epoch, plan.total_steps - epoch * plan.steps_per_epoch), start_step=start,
+        epoch=epoch, seed=config.train.seed, rank=run.rank, world_size=run.world, workers=config.data.workers,
+        shuffle_buffer=config.data.shuffle_buffer, max_corrupt_fraction=config.data.max_corrupt_fraction,
+        pin_memory=run.device.type == "cuda")
+    if run.data_path == "gpu":  # same items, decoded and augmented on the device
+        batches = gpu_views.GpuBatches(batches, run.views, run.device, seed=config.train.seed, epoch=epoch,
+                                       rank=run.rank, start_step=start)
+    for view1, view2, seen, corrupt in batches:
+        yield (view1.to(run.device, non_blocking=True, memory_format=run.memory_format),
+               view2.to(run.device, non_blocking=True, memory_format=run.memory_format), seen, corrupt)
+
+
+def train(config: Config, run_dir: Path, monitor=None) -> dict[str, Any]:
+    """Train to `plan.total_steps` or a stop signal; `monitor`: a `monitor.KnnMonitor` run on rank 0."""
+    run, progress = set_up(config, run_dir)
+    run_log = RunLog(run, progress.step, monitor)
+    lambd, plan = config.model.lambd, run.plan
+    nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)
+    run.model.train()
     try:
         with StopFlag() as stop:
-            while step < plan.total_steps and not stopped_by_signal:
-                epoch, start = divmod(step, plan.steps_per_epoch)
-                steps_this_epoch = min(plan.steps_per_epoch, plan.total_steps - epoch * plan.steps_per_epoch)
-                batches = stream.train_loader(
-                    urls, transform=transform, per_rank_batch=plan.per_rank_batch,
-                    steps=steps_this_epoch,
-                    start_step=start, epoch=epoch, seed=config.train.seed, rank=rank, world_size=world,
-                    workers=config.data.workers, shuffle_buffer=config.data.shuffle_buffer,
-                    max_corrupt_fraction=config.data.max_corrupt_fraction, pin_memory=on_cuda)
-                if data_path == "gpu":  # same (view1, view2, n_seen, n_corrupt) items, built on the device
-                    batches = gpu_views.GpuBatches(batches, device_views, device, seed=config.train.seed, epoch=epoch,
-                                                   rank=rank, start_step=start)
-                for view1, view2, n_seen, n_corrupt in batches:
-                    counter.add(n_seen, n_corrupt)
-                    counter.check(config.data.max_corrupt_fraction)
-                    view1 = view1.to(device, non_blocking=True, memory_format=memory_format)
-                    view2 = view2.to(device, non_blocking=True, memory_format=memory_format)
-                    lr = set_lr(optimizer, step, plan.total_steps, plan.warmup_steps, config.optim.final_lr_fraction)
-                    loss, crosscorr, z1 = training_step(model, optimizer, view1, view2, config.model.lambd, autocast)
+            while progress.step < plan.total_steps and not progress.stopped_by_signal:
+                epoch, start = divmod(progress.step, plan.steps_per_epoch)
+                for view1, view2, seen, corrupt in epoch_batches(run, epoch, start):
+                    progress.counter.add(seen, corrupt)
+                    progress.counter.check(config.data.max_corrupt_fraction)
+                    lr = set_lr(run.optimizer, progress.step, plan.total_steps, plan.warmup_steps,
+                                config.optim.final_lr_fraction)
+                    loss, crosscorr, z1 = training_step(run.model, run.optimizer, view1, view2, lambd, run.autocast)
                     nonfinite |= ~torch.isfinite(loss)
-                    step += 1
-                    bar.update(1)
-
+                    progress.step += 1
+                    step = progress.step
+                    run_log.bar.update(1)
                     log_now = step % config.train.log_every == 0 or step == plan.total_steps
                     checkpoint_now = step % config.train.checkpoint_every == 0 or step == plan.total_steps
-                    if log_now or checkpoint_now:
-                        if bool(nonfinite):  # the one host sync, at logging points only
-                            raise UserError(
-                                f"the loss became non-finite at or before step {step} (lr {lr:.3g}); the last good "
-                                f"checkpoint is {checkpoint_path}: lower optim.lr_weights or check the data")
+                    if (log_now or checkpoint_now) and bool(nonfinite):  # the one host sync, at these steps only
+                        raise UserError(
+                            f"the loss became non-finite at or before step {step} (lr {lr:.3g}); the last good "
+                            f"checkpoint is {run.checkpoint_path}: lower optim.lr_weights or check the data")
                     if log_now:
-                        stopped_by_signal = any_rank(stop.raised, device, world)
-                        now = time.perf_counter()
-                        record = {
-                            "step": step, "epoch": epoch, "loss": float(loss),
-                            "on_diag": float(crosscorr.diagonal().mean()),
-                            "off_diag": float(off_diagonal(crosscorr).pow(2).mean().sqrt()),
-                            "lr": lr, "images_per_s": (step - last_log_step) * config.optim.batch_size / (now - last_log_time),
-                            "corrupt": counter.corrupt,
-                        }
-                        last_log_time, last_log_step = now, step
-                        last_crosscorr = crosscorr[:64, :64].float().cpu()
-                        if first_crosscorr is None:
-                            first_crosscorr, first_crosscorr_step = last_crosscorr, step
-                        if is_main and (step % config.train.diag_every == 0 or step == plan.total_steps):
-                            record.update(diagnose(core, view1.float(), z1))  # bf16 views: the eval pass runs in fp32
-                        if is_main and monitor and monitor.due(step, plan.total_steps):
-                            record.update(monitor(core.backbone, device))
-                        if is_main:
-                            metrics.write(record)
-                            bar.set_postfix(loss=f"{record['loss']:.4g}", img_s=f"{record['images_per_s']:.0f}",
-                                            **(monitor.postfix() if monitor else {}))
-                        if gauges:
-                            gauges.update(record)
-                    elif world == 1 and stop.raised:
-                        stopped_by_signal = True
-                    if checkpoint_now or stopped_by_signal:
-                        save_checkpoint(step)
-                    if stopped_by_signal:
+                        progress.stopped_by_signal = distributed.any_rank(stop.raised, run.device)
+                        run_log.write(progress, epoch, loss, crosscorr, lr, view1, z1)
+                    elif run.world == 1 and stop.raised:
+                        progress.stopped_by_signal = True
+                    if checkpoint_now or progress.stopped_by_signal:
+                        save_checkpoint(run, progress)
+                    if progress.stopped_by_signal:
                         break
     finally:
-        bar.close()  # before any error message, so the message is the last line
-
-    if is_main:
-        if last_crosscorr is not None:
-            diagnostics.plot_crosscorr(first_crosscorr, last_crosscorr, first_crosscorr_step, step,
-                                       run_dir / "plots" / "crosscorr.png")
-        diagnostics.plot_loss(metrics.records(), run_dir / "plots" / "loss.png")
-        if not stopped_by_signal:
-            save_encoder(run_dir / "encoder.pt", core.backbone, config, step)
-    if gauges:
-        gauges.close()
-    if world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    summary = {"run_dir": str(run_dir), "step": step, "total_steps": plan.total_steps,
-               "corrupt": counter.corrupt, "stopped_by_signal": stopped_by_signal}
-    if is_main:
-        log.info("%s at step %d of %d; corrupt samples skipped: %d",
-                 "stopped by signal" if stopped_by_signal else "finished", step, plan.total_steps, counter.corrupt)
-    return summary
+        run_log.bar.close()  # before any error message, so the message is the last line
+    return finish(run, progress, run_log)
 
 
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, view1: torch.Tensor, view2: torch.Tensor,
@@ -385,6 +315,61 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, view1: tor
     return loss.detach(), crosscorr.detach(), z1.detach()
 
 
+def save_checkpoint(run: Run, progress: Progress) -> None:
+    """checkpoints/last.pt, written by rank 0 with the RNG states of all ranks (a collective: every rank calls it)."""
+    rng = distributed.all_gather_objects(rng_state(run.device))
+    if run.is_main:
+        save_training(run.checkpoint_path, config=run.config, step=progress.step, model=run.core,
+                      optimizer=run.optimizer, rng=rng, first_crosscorr=progress.first_crosscorr,
+                      first_crosscorr_step=progress.first_crosscorr_step)
+
+
+class RunLog:
+    """What a logged step shows: metrics.jsonl and the progress bar (rank 0), Prometheus gauges (local
+    rank 0, with --metrics-port), collapse diagnostics and the kNN monitor (rank 0)."""
+
+    def __init__(self, run: Run, step: int, monitor=None):
+        self.run, self.monitor = run, monitor
+        config = run.config
+        if run.is_main:
+            run.run_dir.mkdir(parents=True, exist_ok=True)
+            save_yaml(config, run.run_dir / "config.yaml")
+        self.metrics = diagnostics.MetricsLog(run.run_dir / "metrics.jsonl", step) if run.is_main else None
+        self.gauges = None
+        if config.train.metrics_port and distributed.local_rank() == 0:
+            self.gauges = diagnostics.PrometheusGauges(config.train.metrics_port)
+            if monitor:
+                monitor.attach(self.gauges)
+        self.bar = tqdm(total=run.plan.total_steps, initial=step, disable=not run.is_main, unit="step",
+                        dynamic_ncols=True)
+        self.last_time, self.last_step = time.perf_counter(), step
+
+    def write(self, progress: Progress, epoch: int, loss: torch.Tensor, crosscorr: torch.Tensor, lr: float,
+              view1: torch.Tensor, z1: torch.Tensor) -> None:
+        run, step, now = self.run, progress.step, time.perf_counter()
+        record = {
+            "step": step, "epoch": epoch, "loss": float(loss),
+            "on_diag": float(crosscorr.diagonal().mean()),
+            "off_diag": float(off_diagonal(crosscorr).pow(2).mean().sqrt()),
+            "lr": lr, "images_per_s": (step - self.last_step) * run.config.optim.batch_size / (now - self.last_time),
+            "corrupt": progress.counter.corrupt,
+        }
+        self.last_time, self.last_step = now, step
+        progress.last_crosscorr = crosscorr[:64, :64].float().cpu()
+        if progress.first_crosscorr is None:
+            progress.first_crosscorr, progress.first_crosscorr_step = progress.last_crosscorr, step
+        if run.is_main and (step % run.config.train.diag_every == 0 or step == run.plan.total_steps):
+            record.update(diagnose(run.core, view1.float(), z1))  # bf16 views: the eval pass runs in fp32
+        if run.is_main and self.monitor and self.monitor.due(step, run.plan.total_steps):
+            record.update(self.monitor(run.core.backbone, run.device))
+        if run.is_main:
+            self.metrics.write(record)
+            self.bar.set_postfix(loss=f"{record['loss']:.4g}", img_s=f"{record['images_per_s']:.0f}",
+                                 **(self.monitor.postfix() if self.monitor else {}))
+        if self.gauges:
+            self.gauges.update(record)
+
+
 @torch.no_grad()
 def diagnose(core: nn.Module, view: torch.Tensor, projections: torch.Tensor) -> dict[str, float]:
     """RankMe of eval-mode backbone embeddings of this batch, and std of normalised projections."""
@@ -394,3 +379,27 @@ def diagnose(core: nn.Module, view: torch.Tensor, projections: torch.Tensor) -> 
     core.backbone.train(was_training)
     return {"rankme": diagnostics.rankme(features), "std": diagnostics.normalized_std(projections),
             "std_healthy": 1 / math.sqrt(projections.shape[1])}
+
+
+def finish(run: Run, progress: Progress, run_log: RunLog) -> dict[str, Any]:
+    """Plots and encoder.pt (rank 0; no encoder.pt when stopped by a signal), then leave the process group."""
+    if run.is_main:
+        if progress.last_crosscorr is not None:
+            diagnostics.plot_crosscorr(progress.first_crosscorr, progress.last_crosscorr,
+                                       progress.first_crosscorr_step, progress.step,
+                                       run.run_dir / "plots" / "crosscorr.png")
+        diagnostics.plot_loss(run_log.metrics.records(), run.run_dir / "plots" / "loss.png")
+        if not progress.stopped_by_signal:
+            save_encoder(run.run_dir / "encoder.pt", run.core.backbone, run.config, progress.step)
+    if run_log.gauges:
+        run_log.gauges.close()
+    if run.world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    summary = {"run_dir": str(run.run_dir), "step": progress.step, "total_steps": run.plan.total_steps,
+               "corrupt": progress.counter.corrupt, "stopped_by_signal": progress.stopped_by_signal}
+    if run.is_main:
+        log.info("%s at step %d of %d; corrupt samples skipped: %d",
+                 "stopped by signal" if progress.stopped_by_signal else "finished", progress.step,
+                 run.plan.total_steps, progress.counter.corrupt)
+    return summary

@@ -11,7 +11,7 @@ from pipeline.errors import UserError
 ARCHS = ("resnet18", "resnet34", "resnet50")
 
 
-def build_encoder(arch: str, small_stem: bool = False) -> tuple[nn.Module, int]:
+def build_backbone(arch: str, small_stem: bool = False) -> tuple[nn.Module, int]:
     """A randomly initialised ResNet backbone and its feature dimension.
 
     `zero_init_residual=True` as in the paper; the small stem (3x3 stride-1 conv, no max-pool) keeps
@@ -49,7 +49,7 @@ class BarlowTwins(nn.Module):
 
     def __init__(self, arch: str, small_stem: bool, projector: str):
         super().__init__()
-        self.backbone, self.feature_dim = build_encoder(arch, small_stem)
+        self.backbone, self.feature_dim = build_backbone(arch, small_stem)
         self.projector = build_projector(projector, self.feature_dim)
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
