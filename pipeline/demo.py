@@ -15,10 +15,17 @@ import signal
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any
 
-from pipeline.data import shards
-from pipeline.train import loop as train
+from PIL import Image
+
 from pipeline.config import Config, apply
+from pipeline.data import shards
+from pipeline.data.fashion_mnist import FASHION_MNIST_CLASSES, read_fashion_mnist
+from pipeline.embed.embed import embed
+from pipeline.embed.index import build_index
+from pipeline.embed.search import search_images
+from pipeline.train import loop as train
 from pipeline.train.presets import PRESETS
 
 log = logging.getLogger(__name__)
@@ -50,6 +57,35 @@ def pretrain(out: Path, steps: int) -> Path:
     return run_dir
 
 
+def demo_query(model_dir: str | Path, out_dir: str | Path, k: int = 5, query: int = 0,
+               limit: int | None = None) -> dict[str, Any]:
+    """The search part of `make demo`: index Fashion-MNIST test with MODEL_DIR and run one query.
+
+    Writes (or reuses) `out_dir/shards/test`, `out_dir/embeddings`, `out_dir/index` (the first `limit`
+    test images; all 10,000 by default). The query is test image `query`, upscaled 2x and re-encoded
+    as JPEG (a copy the index has never seen). Returns {"query": {...}, "neighbours": [...],
+    "summary": "<one line>"}; labels are class names.
+    """
+    out_dir = Path(out_dir)
+    shard_dir = out_dir / "shards" / "test"
+    if not (shard_dir / "index.json").exists():
+        shards.write_shards("fashion-mnist:test", shard_dir, limit=limit, overwrite=True)
+    embed(model_dir, str(shard_dir), out_dir / "embeddings")  # resumes: nothing to do on a re-run
+    if not (out_dir / "index" / "index.json").exists():
+        build_index(out_dir / "embeddings", out_dir / "index")
+    images, labels = read_fashion_mnist("test")
+    copy = out_dir / f"query-{query}.jpg"
+    Image.fromarray(images[query]).resize((56, 56), Image.Resampling.BICUBIC).save(copy, "JPEG", quality=90)
+    hits = search_images(out_dir / "index", model_dir, [copy], k)
+    for hit in hits:
+        hit["label"] = FASHION_MNIST_CLASSES[hit["label"]] if hit["label"] is not None else None
+    truth = FASHION_MNIST_CLASSES[int(labels[query])]
+    same = sum(hit["label"] == truth for hit in hits)
+    summary = (f"query {copy.name} (test image {query}, {truth}, resized and re-encoded): top-1 {hits[0]['key']} "
+               f"({hits[0]['label']}, cosine {hits[0]['score']:.3f}); {same} of {len(hits)} neighbours are {truth}")
+    return {"query": {"path": str(copy), "test_index": query, "label": truth}, "neighbours": hits, "summary": summary}
+
+
 def multipart(field: str, filename: str, data: bytes, content_type: str) -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
@@ -59,7 +95,6 @@ def multipart(field: str, filename: str, data: bytes, content_type: str) -> tupl
 
 def run(args) -> int:
     from pipeline.export import export_model, sha256_file
-    from pipeline.embed.search import demo_query
     from pipeline.serve import start_server
 
     out = Path(args.out)

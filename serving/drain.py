@@ -1,8 +1,8 @@
-"""Keep the encoder process up on SIGTERM until the requests in flight elsewhere have reached it.
+"""Keep the model process (BatchedModel) up on SIGTERM until the requests in flight elsewhere have reached it.
 
 BentoML stops all its processes at once. The public Embedder drains its accepted requests, but each
-of them still needs one call to the Encoder, which would otherwise close its socket at the same
-moment and turn those requests into 503s. So the Encoder postpones uvicorn's own SIGTERM handling
+of them still needs one call to BatchedModel, which would otherwise close its socket at the same
+moment and turn those requests into 503s. So BatchedModel postpones uvicorn's own SIGTERM handling
 until it has been idle for `idle_s` (or `limit_s` passed), then shuts down exactly as before.
 """
 
@@ -44,7 +44,7 @@ class IdleDrain:
     def install(self) -> bool:
         """Wrap the current SIGTERM handler (uvicorn's, when called during startup in the main thread)."""
         if threading.current_thread() is not threading.main_thread():
-            logger.warning("not in the main thread: SIGTERM stops the encoder at once")
+            logger.warning("not in the main thread: SIGTERM stops the model process at once")
             return False
         previous = signal.getsignal(signal.SIGTERM)
         if not callable(previous):

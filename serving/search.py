@@ -5,7 +5,7 @@ query parameter; default 10, at most 1000). The same auth and bad-input rules as
 helpers are `serving.requests`'), and a service started without an index answers 404 with how to
 configure one. The index is opened at start-up and must come from the served model (same ONNX
 sha256), so a mismatched pair never starts. Queries go through the same admission bound, body
-deadline and batched encoder as /embed (serving/limits.py); faiss runs in a worker thread so the event loop keeps serving.
+deadline and batched model as /embed (serving/limits.py); faiss runs in a worker thread so the event loop keeps serving.
 
 Response: `{"model": name, "k": k, "results": [{"neighbours": [{key, source, label, score}, ...]}, ...]}`,
 one result per image in request order, neighbours best first (score: cosine similarity).
@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse
 
 from pipeline.runtime import l2_normalize
 from pipeline.embed.search import DEFAULT_K, MAX_K, SearchIndex
-from serving.requests import RequestError, preprocess_all, read_image_parts
+from serving.requests import RequestError, read_image_parts
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +77,9 @@ def search_payload(index: SearchIndex, embeddings: np.ndarray, k: int, model_nam
 
 
 async def search(request: Request) -> JSONResponse:
-    """The route: auth, index, parse, decode (thread pool), batched encoder, faiss (thread)."""
+    """The route: auth, index, parse, decode, batched model, faiss (thread)."""
     import anyio
     import bentoml
-
-    from serving import metrics
 
     from serving.limits import body_deadline
 
@@ -92,11 +90,7 @@ async def search(request: Request) -> JSONResponse:
         async with body_deadline(service.settings.body_timeout_s):
             images, k = await parse_search(request, service.settings.max_images)
         with service.admission.admit(len(images)):  # the same per-worker bound as /embed: 503 when full
-            start = time.perf_counter()
-            arrays = await anyio.to_thread.run_sync(
-                preprocess_all, images, service.size, service.settings.max_pixels, limiter=service.decoders)
-            metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - start)
-            embeddings = await service.encode(arrays)  # Unavailable (503) when shed or restarting
+            embeddings = await service.encode(await service.decode(images))  # decoded as /embed decodes
     except RequestError as exc:
         return service.reject(exc)
     return JSONResponse(await anyio.to_thread.run_sync(search_payload, index, embeddings, k, service.name))

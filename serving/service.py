@@ -1,14 +1,14 @@
 """The /embed API: `bentoml serve serving.service:Embedder` (configured by BARLOW_* variables).
 
 Two BentoML services. `Embedder` (public) owns the HTTP surface: auth, parsing and image decoding
-happen in its request handlers, so only valid arrays go further. `Encoder` (a dependency, its own
+happen in its request handlers, so only valid arrays go further. `BatchedModel` (a dependency, its own
 process on a private unix socket) holds the ONNX Runtime session behind a `batchable` API: BentoML
 merges concurrent requests into adaptive batches there, and one client's bad image can never fail a
 batch it shares with others. /embed and /embed_base64 are plain Starlette routes mounted on the
 service, because BentoML's typed multipart inputs answer some malformed bodies with 500 (and fetch
 URLs given in file fields); /readyz, /livez, /metrics are BentoML's own, and /docs.json is
 BentoML's OpenAPI document with these routes added (serving/openapi.py). Overload, slow uploads and
-a restarting encoder get 503/408 JSON answers at once (serving/limits.py says what bounds what).
+a restarting model process get 503/408 JSON answers at once (serving/limits.py says what bounds what).
 """
 
 from __future__ import annotations
@@ -35,43 +35,39 @@ from pipeline.runtime import OnnxModel, l2_normalize, load_model_info, usable_cp
 from serving.requests import (EmbedRequest, RequestError, check_body_size, check_token, header_pixels,
                               parse_base64_json, parse_multipart, preprocess_all, read_body)
 from serving.search import open_index, search
-from serving.settings import batching_from_env, env_int, settings_from_env, usable_cpus
+from serving.settings import settings_from_env
 
 logger = logging.getLogger(__name__)
 for _name in ("serving", "pipeline"):  # BentoML's server logging config sets the root to WARNING
     logging.getLogger(_name).setLevel(logging.INFO)
 
-MAX_BATCH, MAX_LATENCY_MS = batching_from_env()
+SETTINGS = settings_from_env()  # read at import: the decorators below need the batch and worker counts
 TIMEOUT_S = 60
-# Requests with fewer pixels than this are decoded on the event loop: each GIL hand-off to a worker
-# thread waits up to the 5 ms switch interval while the loop is busy, far more than decoding a small
-# image costs. Bigger ones go to a thread so the loop never stalls for long.
-INLINE_PIXELS = env_int("BARLOW_INLINE_PIXELS", 2_000_000, minimum=0)
 # BentoML 1.4.40 replaces its client session to a dependency every 100 requests or 300 s and closes
 # the old one with requests still in flight on it (503s under load); on a private socket there is
 # nothing to gain from the refresh, so it effectively never happens.
 NEVER_REFRESH = {"max_requests": 2**31 - 1, "max_age": 1e9}
-# /readyz asks the encoder itself, with this bound: BentoML's own dependency probe waited 30 s and
-# more on an encoder that had just been killed, and a probe that hangs is worse than a 503.
+# /readyz asks the model process itself, with this bound: BentoML's own dependency probe waited 30 s and
+# more on a model process that had just been killed, and a probe that hangs is worse than a 503.
 READY_TIMEOUT_S = 2
 NO_RUNNER_PROBE = {"enabled": False, "timeout": READY_TIMEOUT_S, "period": 10}
 
 
-@bentoml.service(name="barlow-encoder", workers=1, threads=1, traffic={"timeout": TIMEOUT_S},
+@bentoml.service(name="barlow-batched-model", workers=1, threads=1, traffic={"timeout": TIMEOUT_S},
                  runner_connection=NEVER_REFRESH)
-class Encoder:
+class BatchedModel:
     """The ONNX model behind an adaptive batcher; called only by Embedder."""
 
     def __init__(self) -> None:
-        settings = settings_from_env()
-        self.model = OnnxModel(settings.model_dir, settings.device, settings.threads, MAX_BATCH)
-        pad = env_int("BARLOW_PAD_BATCHES", int(self.model.providers[0] in GPU_PROVIDERS), minimum=0)
-        self.buckets = bucket_sizes(MAX_BATCH) if pad else ()
+        settings = SETTINGS
+        self.model = OnnxModel(settings.served_model_dir(), settings.device, settings.threads, settings.max_batch)
+        pad = settings.pad_batches if settings.pad_batches >= 0 else self.model.providers[0] in GPU_PROVIDERS
+        self.buckets = bucket_sizes(settings.max_batch) if pad else ()
         self.model.warm_up(self.buckets or (1,))
         self.drain = IdleDrain(limit_s=TIMEOUT_S)
         self.drain.install()  # outlive SIGTERM until the Embedder's in-flight requests got their embeddings
 
-    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH, max_latency_ms=MAX_LATENCY_MS)
+    @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch, max_latency_ms=SETTINGS.max_latency_ms)
     def encode(self, images: np.ndarray) -> np.ndarray:
         count = len(images)
         if self.buckets:
@@ -133,47 +129,47 @@ api = Starlette(routes=[
 ])
 
 
-@bentoml.service(name="barlow-embed", workers=env_int("BARLOW_WORKERS", 1), traffic={"timeout": TIMEOUT_S},
+@bentoml.service(name="barlow-embed", workers=SETTINGS.workers, traffic={"timeout": TIMEOUT_S},
                  runner_probe=NO_RUNNER_PROBE)
 @bentoml.asgi_app(Gate(api, current_admission, ("/embed", "/embed_base64")), path="/")
 class Embedder:
     """Public API: POST /embed, POST /embed_base64, POST /search, GET /model; BentoML adds /readyz /livez /metrics."""
 
-    encoder = bentoml.depends(Encoder)
+    model = bentoml.depends(BatchedModel)
 
     def __init__(self) -> None:
-        self.settings = settings_from_env()
-        self.info = load_model_info(self.settings.model_dir)
+        self.settings = SETTINGS
+        self.info = load_model_info(self.settings.served_model_dir())
         self.name, self.dim, self.size = self.info["name"], int(self.info["dim"]), int(self.info["image_size"])
         Image.MAX_IMAGE_PIXELS = self.settings.max_pixels  # Pillow's own bomb guard agrees with ours
         self.decoders = anyio.CapacityLimiter(usable_cpus())  # decoding is CPU-bound: no more threads than CPUs
-        self.admission = Admission(self.settings.max_inflight_images, self.settings.max_queue_ms / 1000,
-                                   min_limit=MAX_BATCH)
+        self.admission = Admission(self.settings.inflight_limit, self.settings.max_queue_ms / 1000,
+                                   min_limit=self.settings.max_batch)
         self.search_index = open_index(self.settings.index_dir, self.info)  # None: /search answers 404
         self.warm = False
         self.warm_lock = asyncio.Lock()
         metrics.MODEL_INFO.labels(self.name, self.info.get("onnx_sha256", ""), str(self.dim)).set(1)
         logger.info("serving %s (dim %d, %d px); max %d images and %d pixels per image, %d images in flight "
                     "(fewer to keep the wait under %d ms); auth %s", self.name, self.dim, self.size,
-                    self.settings.max_images, self.settings.max_pixels, self.settings.max_inflight_images,
+                    self.settings.max_images, self.settings.max_pixels, self.settings.inflight_limit,
                     self.settings.max_queue_ms, "on" if self.settings.api_token else "off")
 
     async def __is_ready__(self) -> bool:
         """Ready once one warm-up inference went through the whole path (socket, batcher, session),
-        and then while the encoder answers its own /readyz within READY_TIMEOUT_S (it may be restarting)."""
+        and then while the model process answers its own /readyz within READY_TIMEOUT_S (it may be restarting)."""
         if self.warm:
             try:
                 async with asyncio.timeout(READY_TIMEOUT_S):
-                    return not hasattr(self.encoder, "is_ready") or await self.encoder.is_ready(READY_TIMEOUT_S)
+                    return not hasattr(self.model, "is_ready") or await self.model.is_ready(READY_TIMEOUT_S)
             except Exception as exc:  # killed or restarting: its socket accepts, nobody answers
                 logger.info("encoder not ready: %r", exc)
                 return False
         async with self.warm_lock:
             if not self.warm:
                 try:
-                    await self.encoder.to_async.encode(np.zeros((1, 3, self.size, self.size), dtype=np.uint8))
+                    await self.model.to_async.encode(np.zeros((1, 3, self.size, self.size), dtype=np.uint8))
                     self.warm = True
-                except Exception as exc:  # the encoder process is still starting
+                except Exception as exc:  # the model process is still starting
                     logger.info("encoder not ready yet: %s", exc)
         return self.warm
 
@@ -188,17 +184,17 @@ class Embedder:
         return error.response()
 
     async def encode(self, images: np.ndarray) -> np.ndarray:
-        """The batched encoder; one retry when a pooled connection was closed by the other side
+        """The batched model; one retry when a pooled connection was closed by the other side
         (its keep-alive is shorter than the client's, or it was restarted), which is safe because
-        encoding is pure. Raises Unavailable (503) when the batcher sheds or the encoder is gone."""
+        encoding is pure. Raises Unavailable (503) when the batcher sheds or the model process is gone."""
         import aiohttp
 
         try:
             try:
-                return await self.encoder.to_async.encode(images)
+                return await self.model.to_async.encode(images)
             except aiohttp.ClientConnectionError as exc:
                 logger.info("retrying once after a dropped encoder connection: %s", exc)
-                return await self.encoder.to_async.encode(images)
+                return await self.model.to_async.encode(images)
         except (aiohttp.ClientError, OSError):
             logger.exception("the encoder is unreachable")
             raise Unavailable("encoder_unreachable", "the encoder is restarting; retry shortly") from None
@@ -209,7 +205,7 @@ class Embedder:
     async def decode(self, images: list[bytes]) -> np.ndarray:
         """Validated uint8 arrays; small requests on the event loop, big ones in a decoder thread."""
         start = time.perf_counter()
-        if sum(map(header_pixels, images)) <= INLINE_PIXELS:
+        if sum(map(header_pixels, images)) <= self.settings.inline_pixels:
             arrays = preprocess_all(images, self.size, self.settings.max_pixels)
         else:
             arrays = await anyio.to_thread.run_sync(

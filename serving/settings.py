@@ -1,37 +1,60 @@
-"""The serving environment (ARCHITECTURE.md, "Serving environment") read once into one object.
+"""The serving environment: every BARLOW_* variable the service reads, read here once into `Settings`.
 
-Everything the service can be told comes from BARLOW_* variables, so `barlow serve`, a Bento and a
-Kubernetes Deployment configure it the same way. A bad value stops startup with one sentence.
+`barlow serve`, a Bento and a Kubernetes Deployment configure the service the same way, through
+these variables; each has one default, the field's below. A bad value stops startup with one sentence.
+The offline commands (`barlow embed`, `barlow search`) take flags instead and never read them.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+from pipeline.data.preprocess import DEFAULT_MAX_PIXELS
+from pipeline.devices import RUNTIME_DEVICES
 from pipeline.errors import UserError
-from pipeline.data.preprocess import max_pixels_from_env
-from pipeline.runtime import usable_cpus  # noqa: F401  (re-exported: the service and benchmarks use it)
 
-DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the Bento's src/ when served from a Bento
 BUNDLED_MODEL = "models/current"  # where bentofile.yaml packs the MODEL_DIR
 
 
 @dataclass(frozen=True)
 class Settings:
-    model_dir: Path
-    index_dir: Path | None = None
-    device: str = "auto"  # auto: CUDA when torch sees a GPU, else CPU; tensorrt: TensorRT EP, CUDA fallback
-    api_token: str = ""  # non-empty: /embed and /embed_base64 need `Authorization: Bearer <token>`
-    max_images: int = 64  # per request
-    max_pixels: int = 40_000_000  # per image, checked before decoding
-    max_body_mb: int = 256  # per request body
-    threads: int = 0  # ONNX Runtime intra-op threads on CPU; 0: the CPUs this process may use
-    max_inflight_images: int = 128  # per worker, decoding or waiting for the encoder; more: 503 at once
-    max_queue_ms: int = 1000  # target wait of an admitted request: admit only what the measured speed clears in it
-    body_timeout_s: int = 30  # to read and parse one request body; slower: 408
+    model_dir: Path | None = None  # BARLOW_MODEL_DIR: the MODEL_DIR to serve (required to start)
+    index_dir: Path | None = None  # BARLOW_INDEX_DIR: enables /search
+    device: str = "auto"  # BARLOW_DEVICE: auto (CUDA when torch sees a GPU) | cpu | cuda | tensorrt
+    api_token: str = ""  # BARLOW_API_TOKEN: non-empty: /embed, /embed_base64, /search need `Bearer <token>`
+    max_images: int = 64  # BARLOW_MAX_IMAGES: per request
+    max_pixels: int = DEFAULT_MAX_PIXELS  # BARLOW_MAX_PIXELS: per image, checked before decoding
+    max_body_mb: int = 256  # BARLOW_MAX_BODY_MB: per request body
+    threads: int = 0  # BARLOW_THREADS: ONNX Runtime intra-op threads on CPU; 0: the CPUs this process may use
+    workers: int = 1  # BARLOW_WORKERS: HTTP worker processes
+    max_batch: int = 64  # BARLOW_MAX_BATCH: largest adaptive batch
+    # BARLOW_MAX_LATENCY_MS: a shedding bound (a request that cannot meet it gets 503), not a wait:
+    # BentoML waits only as long as its fitted cost model says a fuller batch pays off.
+    max_latency_ms: int = 10_000
+    # BARLOW_MAX_INFLIGHT_IMAGES: per worker, decoding or waiting for the encoder; more: 503 at once.
+    # 0: two full batches (2 x max_batch).
+    max_inflight_images: int = 0
+    max_queue_ms: int = 1000  # BARLOW_MAX_QUEUE_MS: admit only what the measured speed clears in this; 0: off
+    body_timeout_s: int = 30  # BARLOW_BODY_TIMEOUT_S: to read and parse one request body; slower: 408
+    # BARLOW_INLINE_PIXELS: requests with fewer pixels are decoded on the event loop (a thread hand-off
+    # costs more than decoding a small image); bigger ones in a decoder thread.
+    inline_pixels: int = 2_000_000
+    pad_batches: int = -1  # BARLOW_PAD_BATCHES: 1/0 pad batches to warmed bucket shapes; -1: on GPU providers
+
+    @property
+    def inflight_limit(self) -> int:
+        return self.max_inflight_images or 2 * self.max_batch
+
+    def served_model_dir(self) -> Path:
+        if self.model_dir is None:
+            raise UserError("BARLOW_MODEL_DIR is not set; point it at a MODEL_DIR written by barlow export")
+        return self.model_dir
+
+
+DEFAULTS = {f.name: f.default for f in fields(Settings)}
 
 
 def env_int(name: str, default: int, minimum: int = 1) -> int:
@@ -39,7 +62,7 @@ def env_int(name: str, default: int, minimum: int = 1) -> int:
     if not value:
         return default
     try:
-        number = int(value)
+        number = int(float(value)) if name == "BARLOW_MAX_PIXELS" else int(value)  # 4e7 pixels is fine
     except ValueError:
         raise UserError(f"{name} must be an integer, not {value!r}") from None
     if number < minimum:
@@ -51,28 +74,18 @@ def settings_from_env() -> Settings:
     model_dir = os.environ.get("BARLOW_MODEL_DIR", "").strip()
     if not model_dir and (PROJECT_ROOT / BUNDLED_MODEL / "model.json").is_file():
         model_dir = BUNDLED_MODEL  # a Bento served with `bentoml serve TAG` does not get its envs
-    if not model_dir:
-        raise UserError("BARLOW_MODEL_DIR is not set; point it at a MODEL_DIR written by barlow export")
-    device = os.environ.get("BARLOW_DEVICE", "auto").strip().lower() or "auto"
-    if device not in DEVICES:
-        raise UserError(f"BARLOW_DEVICE must be one of {', '.join(DEVICES)}, not {device!r}")
+    device = os.environ.get("BARLOW_DEVICE", "").strip().lower() or DEFAULTS["device"]
+    if device not in RUNTIME_DEVICES:
+        raise UserError(f"BARLOW_DEVICE must be one of {', '.join(RUNTIME_DEVICES)}, not {device!r}")
     index_dir = os.environ.get("BARLOW_INDEX_DIR", "").strip()
-    return Settings(
-        model_dir=resolve_dir(model_dir),
-        index_dir=Path(index_dir) if index_dir else None,
-        device=device,
-        api_token=os.environ.get("BARLOW_API_TOKEN", "").strip(),
-        max_images=env_int("BARLOW_MAX_IMAGES", 64),
-        max_pixels=max_pixels_from_env(),
-        max_body_mb=env_int("BARLOW_MAX_BODY_MB", 256),
-        threads=env_int("BARLOW_THREADS", 0, minimum=0),
-        # The cap: two full batches per worker. BARLOW_MAX_QUEUE_MS lowers the bound to what the measured
-        # speed clears in that time (2 x 64 images is ~3 s of work for a ResNet-18 on 2 busy CPU cores);
-        # 0 keeps the cap fixed.
-        max_inflight_images=env_int("BARLOW_MAX_INFLIGHT_IMAGES", 2 * batching_from_env()[0]),
-        max_queue_ms=env_int("BARLOW_MAX_QUEUE_MS", 1000, minimum=0),
-        body_timeout_s=env_int("BARLOW_BODY_TIMEOUT_S", 30),
-    )
+    ints = {name: env_int(f"BARLOW_{name.upper()}", DEFAULTS[name], minimum)
+            for name, minimum in (("max_images", 1), ("max_pixels", 1), ("max_body_mb", 1), ("threads", 0),
+                                  ("workers", 1), ("max_batch", 1), ("max_latency_ms", 1),
+                                  ("max_inflight_images", 0), ("max_queue_ms", 0), ("body_timeout_s", 1),
+                                  ("inline_pixels", 0), ("pad_batches", -1))}
+    return Settings(model_dir=resolve_dir(model_dir) if model_dir else None,
+                    index_dir=Path(index_dir) if index_dir else None, device=device,
+                    api_token=os.environ.get("BARLOW_API_TOKEN", "").strip(), **ints)
 
 
 def resolve_dir(value: str) -> Path:
@@ -81,12 +94,3 @@ def resolve_dir(value: str) -> Path:
     if path.is_absolute() or path.exists():
         return path.resolve()
     return PROJECT_ROOT / path
-
-
-def batching_from_env() -> tuple[int, int]:
-    """(max batch size, max latency ms) for the adaptive batcher: BARLOW_MAX_BATCH, BARLOW_MAX_LATENCY_MS.
-
-    The latency is a shedding bound (a request that cannot meet it gets 503), not a wait: BentoML
-    waits only as long as its fitted cost model says a fuller batch pays off.
-    """
-    return env_int("BARLOW_MAX_BATCH", 64), env_int("BARLOW_MAX_LATENCY_MS", 10_000)

@@ -41,3 +41,20 @@ def test_prometheus_gauges_are_scrapable():
         gauges.close()
     assert "barlow_train_loss 123.5" in text and "barlow_train_step 7.0" in text
     assert "barlow_train_images_per_second 42.0" in text and "barlow_train_rankme 9.5" in text
+
+
+def test_prometheus_corrupt_samples_follow_the_logged_records():
+    """barlow_train_corrupt_samples is the record's `corrupt` (it read 0 after `corrupt: 5` once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    gauges = PrometheusGauges(port)
+    scrape = lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()  # noqa: E731
+    try:
+        gauges.update({"step": 10, "loss": 1.0, "corrupt": 0})
+        assert "barlow_train_corrupt_samples 0.0" in scrape()
+        gauges.update({"step": 20, "loss": 1.0, "corrupt": 5})
+        text = scrape()
+    finally:
+        gauges.close()
+    assert "barlow_train_corrupt_samples 5.0" in text, [l for l in text.splitlines() if "corrupt" in l]

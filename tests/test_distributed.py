@@ -147,6 +147,7 @@ def test_global_batchnorm_rejects_wrong_rank_input():
         GlobalBatchNorm(3)(torch.randn(3))
 
 
+@pytest.mark.slow  # five forward passes of a ResNet-18 (~8 s on 2 cores)
 def test_convert_batchnorm_keeps_parameters_buffers_and_settings():
     model, view1, view2 = make_model_and_batch()
     model.projector[1].eps, model.projector[1].momentum = 1e-3, 0.3

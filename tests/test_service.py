@@ -26,11 +26,9 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers_serving import encode, exported_model, photo, sample_images, torch_embed, torch_reference
-from pipeline.errors import UserError
 from pipeline.data.preprocess import load_array
 from pipeline.serve import PROJECT_ROOT, free_port, start_server, wait_ready
-from serving.batching import bucket_for, bucket_sizes, pad_rows
-from serving.runtime import OnnxEncoder
+from pipeline.runtime import OnnxModel
 
 pytestmark = pytest.mark.slow
 
@@ -255,27 +253,14 @@ def test_model_route_returns_model_json(client, model):
     assert client.get("/model").json() == json.loads((model[1] / "model.json").read_text())
 
 
-def test_batches_pad_to_the_next_bucket_shape():
-    assert bucket_sizes(64) == (1, 2, 4, 8, 16, 32, 64) and bucket_sizes(24) == (1, 2, 4, 8, 16, 24)
-    assert [bucket_for(n, bucket_sizes(24)) for n in (1, 3, 9, 17, 24, 30)] == [1, 4, 16, 24, 24, 30]
-    images = np.ones((3, 3, 2, 2), dtype=np.uint8)
-    padded = pad_rows(images, 4)
-    assert padded.shape == (4, 3, 2, 2) and (padded[:3] == 1).all() and (padded[3] == 0).all()
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_session_matches_the_torch_encoder(model, reference):
-    """The GPU twin of the served-embedding test above (which runs the same OnnxEncoder on CPU)."""
-    encoder = OnnxEncoder(model[1], device="cuda")
+    """The GPU twin of the served-embedding test above (which runs the same OnnxModel on CPU)."""
+    encoder = OnnxModel(model[1], device="cuda")
     assert encoder.providers[0] == "CUDAExecutionProvider"
     images = sample_images()
     assert_close(encoder(np.stack([load_array(blob, 32) for _, blob in images])), expected(reference, images))
-
-
-def test_start_server_refuses_a_missing_model_dir(tmp_path):
-    with pytest.raises(UserError, match="not a MODEL_DIR"):
-        start_server(tmp_path / "nothing", env=bentoml_env(tmp_path), timeout=5)
 
 
 def test_sigterm_drains_in_flight_requests_and_barlow_serve_exits_0(model, tmp_path, reference):
@@ -352,6 +337,6 @@ def test_bentofile_builds_a_bento_with_the_service_and_the_model(model, tmp_path
     bentos = list((tmp_path / "bentoml" / "bentos" / "barlow-embed").glob("*/bento.yaml"))
     assert len(bentos) == 1
     src = bentos[0].parent / "src"
-    assert (src / "serving" / "service.py").is_file() and (src / "pipeline" / "preprocess.py").is_file()
+    assert (src / "serving" / "service.py").is_file() and (src / "pipeline" / "data" / "preprocess.py").is_file()
     assert (src / "models" / "current" / "model.onnx").read_bytes() == (model_dir / "model.onnx").read_bytes()
     assert "serving.service:Embedder" in bentos[0].read_text()

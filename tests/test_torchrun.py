@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import statistics
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers_tools import venv_tool
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 24
@@ -46,9 +46,10 @@ def free_port() -> int:
 
 def launch_line() -> tuple[list[str], dict[str, str]]:
     """The training container's command and literal env, from `kubectl kustomize k8s/overlays/cpu`."""
-    kubectl = shutil.which("kubectl")
+    kubectl = venv_tool("kubectl")
     if not kubectl:
-        pytest.fail("kubectl is not installed: it renders the training Job whose launch line this test runs")
+        pytest.fail("kubectl is not installed (pip install -e '.[dev]' provides it): it renders the training Job "
+                    "whose launch line this test runs")
     rendered = subprocess.run([kubectl, "kustomize", str(REPO / "k8s/overlays/cpu")], capture_output=True,
                               text=True, timeout=60, check=True).stdout
     job = next(o for o in yaml.safe_load_all(rendered) if o and o["kind"] == "Job" and o["metadata"]["name"] == "barlow-train")

@@ -123,6 +123,7 @@ def test_sigterm_checkpoints_and_exits_143_then_resumes(tiny_shards, tmp_path):
     assert safe_load(run_dir / "checkpoints" / "last.pt", TRAINING_FORMAT)["step"] == state["step"] + 2
 
 
+@pytest.mark.slow  # a real `barlow train` process (~7 s on 2 cores)
 def test_non_finite_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tiny_shards, tmp_path):
     run_dir = tmp_path / "run"
     result = barlow("train", "--preset", "tiny", "--data", str(tiny_shards), "--out", str(run_dir), "--steps", "8",
@@ -133,6 +134,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tiny
     assert not (run_dir / "checkpoints" / "last.pt").exists()  # nothing good to keep yet: nothing written
 
 
+@pytest.mark.slow  # a real `barlow train` process (~5 s on 2 cores)
 def test_truncated_or_foreign_checkpoint_gives_one_sentence(tiny_shards, tmp_path):
     good = tmp_path / "good.pt"
     torch.save({"format": TRAINING_FORMAT, "step": 1}, good)
@@ -150,6 +152,7 @@ def test_truncated_or_foreign_checkpoint_gives_one_sentence(tiny_shards, tmp_pat
     assert "not a readable checkpoint" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # five real `barlow train` processes (~35 s on 2 cores)
 def test_cli_errors_are_one_sentence(tiny_shards, tmp_path):
     cases = [
         (["train", "--out", str(tmp_path / "x")], "give --preset"),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -34,20 +33,6 @@ class BadImage(UserError):
         super().__init__(message)
         self.reason = reason
         self.status = status
-
-
-def max_pixels_from_env() -> int:
-    """BARLOW_MAX_PIXELS (default 40 MP): the decompression-bomb guard."""
-    value = os.environ.get("BARLOW_MAX_PIXELS", "").strip()
-    if not value:
-        return DEFAULT_MAX_PIXELS
-    try:
-        pixels = int(float(value))
-    except ValueError:
-        raise UserError(f"BARLOW_MAX_PIXELS must be a number of pixels, not {value!r}") from None
-    if pixels < 1:
-        raise UserError(f"BARLOW_MAX_PIXELS must be positive, not {value!r}")
-    return pixels
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int = 0) -> Image.Image:

@@ -36,9 +36,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.devices import RUNTIME_DEVICES
 from pipeline.errors import UserError
 from pipeline.files import atomic_output, remove_stale_temps, write_json
-from pipeline.data.preprocess import BadImage, load_array, max_pixels_from_env
+from pipeline.data.preprocess import DEFAULT_MAX_PIXELS, BadImage, load_array
 from pipeline.data.shards import unique_key
 from pipeline.data.stream import (IMAGE_EXTENSIONS, CorruptCounter, CorruptSample, expand_urls, image_member,
                              iter_samples, label_of, read_index, split_by_node, split_by_worker)
@@ -381,7 +382,8 @@ def _expected_counts(spec: str, shards: list[Shard]) -> int | None:
 
 def embed(model_dir: str | Path, data: str, out: str | Path, *, batch_size: int = DEFAULT_BATCH,
           workers: int | None = None, device: str = "auto", part_of: tuple[int, int] = (0, 1),
-          normalize: bool = True, threads: int = 0, files_per_part: int = FILES_PER_PART) -> dict[str, Any]:
+          normalize: bool = True, threads: int = 0, files_per_part: int = FILES_PER_PART,
+          max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
     """Embed this share of the shards of `data` into EMB_DIR `out`; returns the manifest.
 
     Raises UserError (after writing every part it could) when some shards could not be read.
@@ -390,6 +392,8 @@ def embed(model_dir: str | Path, data: str, out: str | Path, *, batch_size: int 
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    if max_pixels < 1:
+        raise UserError(f"--max-pixels must be at least 1, not {max_pixels}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
@@ -409,7 +413,7 @@ def embed(model_dir: str | Path, data: str, out: str | Path, *, batch_size: int 
                 len(shards), len(mine) - len(todo), len(todo))
 
     stats = _embed_shards(todo, Path(model_dir), out, model, data, batch_size=batch_size, workers=workers,
-                          device=device, threads=threads, normalize=normalize) if todo else _Stats()
+                          device=device, threads=threads, normalize=normalize, max_pixels=max_pixels) if todo else _Stats()
     run = {"part_of": f"{part_of[0]}/{part_of[1]}", "shards": len(mine), "skipped": len(mine) - len(todo),
            "written": len(stats.written), "images": stats.images, "failed": stats.failed,
            "unreadable_shards": stats.unreadable, "duration_s": round(stats.seconds, 3),
@@ -448,7 +452,8 @@ class _Stats:
 
 
 def _embed_shards(todo: list[Shard], model_dir: Path, out: Path, model: dict[str, Any], data: str, *,
-                  batch_size: int, workers: int | None, device: str, threads: int, normalize: bool) -> _Stats:
+                  batch_size: int, workers: int | None, device: str, threads: int, normalize: bool,
+                  max_pixels: int) -> _Stats:
     """Decode in DataLoader workers, embed in this process, write each shard's part when it closes."""
     from pipeline.runtime import OnnxModel, l2_normalize, usable_cpus
 
@@ -456,7 +461,7 @@ def _embed_shards(todo: list[Shard], model_dir: Path, out: Path, model: dict[str
     stats = _Stats()
     workers = min(usable_cpus(), MAX_WORKERS) if workers is None else workers
     stats.workers = max(0, min(workers, len(todo)))
-    stream = ShardStream(todo, model["image_size"], batch_size, max_pixels_from_env())
+    stream = ShardStream(todo, model["image_size"], batch_size, max_pixels)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=stats.workers,
                                          prefetch_factor=4 if stats.workers else None)
     # Workers fork here, before ONNX Runtime starts its threads (and CUDA), and decode while it loads.
@@ -524,8 +529,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help=f"decoding processes (default: usable CPUs, at most {MAX_WORKERS}; 0: decode in the "
                              "main process)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "tensorrt"),
+    parser.add_argument("--device", default="auto", choices=RUNTIME_DEVICES,
                         help="ONNX Runtime device (default %(default)s: CUDA when a GPU is visible)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                        help="skip (and list) images with more pixels than this (default %(default)s)")
     parser.add_argument("--part-of", metavar="i/n", default=None,
                         help="embed only share i of n (default: JOB_COMPLETION_INDEX/JOB_COMPLETIONS, else 0/1)")
     parser.add_argument("--no-normalize", dest="normalize", action="store_false",
@@ -535,7 +542,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     part_of = parse_part_of(args.part_of)
     manifest = embed(args.model_dir, args.data, args.out, batch_size=args.batch_size, workers=args.workers,
-                     device=args.device, part_of=part_of, normalize=args.normalize)
+                     device=args.device, part_of=part_of, normalize=args.normalize, max_pixels=args.max_pixels)
     this = manifest["runs"][f"{part_of[0]}/{part_of[1]}"]
     print(f"{args.out}: {this['written']} parts written, {this['skipped']} already done; {this['images']} images "
           f"embedded at {this['images_per_s']:.1f} images/s, {this['failed']} undecodable (listed in manifest.json); "

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data.preprocess import DEFAULT_MAX_PIXELS
+from pipeline.devices import RUNTIME_DEVICES
 from pipeline.errors import UserError
 from pipeline.runtime import l2_normalize
 
@@ -126,13 +128,14 @@ def check_k(k: int) -> int:
     return k
 
 
-def embed_files(model_dir: Path, paths: list[Path], device: str = "auto") -> tuple[np.ndarray, dict[str, Any]]:
+def embed_files(model_dir: Path, paths: list[Path], device: str = "auto",
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, dict[str, Any]]:
     """Image files -> L2-normalised embeddings, preprocessed as /embed and barlow embed do."""
-    from pipeline.data.preprocess import BadImage, load_array, max_pixels_from_env
+    from pipeline.data.preprocess import BadImage, load_array
     from pipeline.runtime import OnnxModel, load_model_info
 
     info = load_model_info(model_dir)
-    size, max_pixels = int(info["image_size"]), max_pixels_from_env()
+    size = int(info["image_size"])
     arrays = []
     for path in paths:
         try:
@@ -146,14 +149,14 @@ def embed_files(model_dir: Path, paths: list[Path], device: str = "auto") -> tup
 
 
 def search_images(index_dir: str | Path, model_dir: str | Path, images: list[str | Path], k: int = DEFAULT_K,
-                  device: str = "auto") -> list[dict[str, Any]]:
+                  device: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS) -> list[dict[str, Any]]:
     """One record per (query image, neighbour): query, rank, key, source, label, score."""
     from pipeline.runtime import load_model_info
 
     check_k(k)
     index = SearchIndex(index_dir)
     index.check_model(load_model_info(Path(model_dir)))
-    embeddings, _ = embed_files(Path(model_dir), [Path(p) for p in images], device)
+    embeddings, _ = embed_files(Path(model_dir), [Path(p) for p in images], device, max_pixels)
     results = index.search(embeddings, k)
     return [{"query": str(query), "rank": rank, **hit}
             for query, hits in zip(images, results) for rank, hit in enumerate(hits, 1)]
@@ -165,41 +168,6 @@ def search_key(index_dir: str | Path, key: str, k: int = DEFAULT_K) -> list[dict
     return [{"query": key, "rank": rank, **hit} for rank, hit in enumerate(index.neighbours_of_key(key, k), 1)]
 
 
-def demo_query(model_dir: str | Path, out_dir: str | Path, k: int = 5, query: int = 0,
-               limit: int | None = None) -> dict[str, Any]:
-    """The search part of `make demo`: index Fashion-MNIST test with MODEL_DIR and run one query.
-
-    Writes (or reuses) `out_dir/shards/test`, `out_dir/embeddings`, `out_dir/index` (the first `limit`
-    test images; all 10,000 by default). The query is test image `query`, upscaled 2x and re-encoded
-    as JPEG (a copy the index has never seen). Returns {"query": {...}, "neighbours": [...],
-    "summary": "<one line>"}; labels are class names.
-    """
-    from PIL import Image
-
-    from pipeline.embed.embed import embed
-    from pipeline.embed.index import build_index
-    from pipeline.data.shards import FASHION_MNIST_CLASSES, read_fashion_mnist, write_shards
-
-    out_dir = Path(out_dir)
-    shard_dir = out_dir / "shards" / "test"
-    if not (shard_dir / "index.json").exists():
-        write_shards("fashion-mnist:test", shard_dir, limit=limit, overwrite=True)
-    embed(model_dir, str(shard_dir), out_dir / "embeddings")  # resumes: nothing to do on a re-run
-    if not (out_dir / "index" / "index.json").exists():
-        build_index(out_dir / "embeddings", out_dir / "index")
-    images, labels = read_fashion_mnist("test")
-    copy = out_dir / f"query-{query}.jpg"
-    Image.fromarray(images[query]).resize((56, 56), Image.Resampling.BICUBIC).save(copy, "JPEG", quality=90)
-    hits = search_images(out_dir / "index", model_dir, [copy], k)
-    for hit in hits:
-        hit["label"] = FASHION_MNIST_CLASSES[hit["label"]] if hit["label"] is not None else None
-    truth = FASHION_MNIST_CLASSES[int(labels[query])]
-    same = sum(hit["label"] == truth for hit in hits)
-    summary = (f"query {copy.name} (test image {query}, {truth}, resized and re-encoded): top-1 {hits[0]['key']} "
-               f"({hits[0]['label']}, cosine {hits[0]['score']:.3f}); {same} of {len(hits)} neighbours are {truth}")
-    return {"query": {"path": str(copy), "test_index": query, "label": truth}, "neighbours": hits, "summary": summary}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("index_dir", type=Path, help="INDEX_DIR written by barlow index")
     parser.add_argument("images", nargs="*", type=Path, metavar="IMAGE", help="query images")
@@ -209,8 +177,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the MODEL_DIR the index was built from, then the query images")
     parser.add_argument("--key", help="instead of images: the neighbours of this indexed key")
     parser.add_argument("-k", type=int, default=DEFAULT_K, help="neighbours per query (default %(default)s)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "tensorrt"),
+    parser.add_argument("--device", default="auto", choices=RUNTIME_DEVICES,
                         help="ONNX Runtime device for embedding the query images (default %(default)s)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                        help="refuse query images with more pixels than this (default %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -224,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
     elif model_dir is None:
         raise UserError("query images need --model MODEL_DIR, the model the index was built from")
     else:
-        records = search_images(args.index_dir, model_dir, images, args.k, args.device)
+        records = search_images(args.index_dir, model_dir, images, args.k, args.device, args.max_pixels)
     for record in records:
         print(json.dumps(record))
     return 0

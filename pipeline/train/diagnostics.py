@@ -99,7 +99,7 @@ class PrometheusGauges:
     """The training figures as prometheus-client gauges, served on --metrics-port for cluster scraping."""
 
     def __init__(self, port: int):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+        from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
         self.registry = CollectorRegistry()
         names = {
@@ -111,13 +111,13 @@ class PrometheusGauges:
             "images_per_second": "image pairs per second over the last logging interval",
             "rankme": "RankMe of backbone embeddings",
             "embedding_std": "per-dimension std of L2-normalised projector outputs",
+            "corrupt_samples": "corrupt samples skipped by this process so far",
         }
         self.gauges = {k: Gauge(f"barlow_train_{k}", doc, registry=self.registry) for k, doc in names.items()}
-        self.corrupt = Counter("barlow_train_corrupt_samples", "corrupt samples skipped", registry=self.registry)
         self.server, self.thread = start_http_server(port, registry=self.registry)
 
     def update(self, record: dict[str, Any]) -> None:
-        key_map = {"images_per_s": "images_per_second", "std": "embedding_std"}
+        key_map = {"images_per_s": "images_per_second", "std": "embedding_std", "corrupt": "corrupt_samples"}
         for key, value in record.items():
             name = key_map.get(key, key)
             if name in self.gauges and isinstance(value, (int, float)):

@@ -1,0 +1,70 @@
+"""serving/settings.py: every BARLOW_* variable of the service, read once, one default each."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import UserError
+from serving.settings import DEFAULTS, Settings, settings_from_env
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in [n for n in __import__("os").environ if n.startswith("BARLOW_")]:
+        monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_defaults_without_any_variable(clean_env):
+    settings = settings_from_env()
+    assert settings.model_dir is None and settings.index_dir is None
+    assert {f.name: getattr(settings, f.name) for f in dataclasses.fields(Settings)} == DEFAULTS
+    assert settings.inflight_limit == 2 * settings.max_batch  # one default, derived from the batch
+    with pytest.raises(UserError, match="BARLOW_MODEL_DIR is not set"):
+        settings.served_model_dir()
+
+
+def test_every_variable_is_read(clean_env, tmp_path):
+    values = {"BARLOW_MODEL_DIR": str(tmp_path), "BARLOW_INDEX_DIR": str(tmp_path / "i"), "BARLOW_DEVICE": "CPU",
+              "BARLOW_API_TOKEN": " t ", "BARLOW_MAX_IMAGES": "3", "BARLOW_MAX_PIXELS": "1e6", "BARLOW_MAX_BODY_MB": "5",
+              "BARLOW_THREADS": "2", "BARLOW_WORKERS": "4", "BARLOW_MAX_BATCH": "16", "BARLOW_MAX_LATENCY_MS": "500",
+              "BARLOW_MAX_INFLIGHT_IMAGES": "7", "BARLOW_MAX_QUEUE_MS": "0", "BARLOW_BODY_TIMEOUT_S": "9",
+              "BARLOW_INLINE_PIXELS": "0", "BARLOW_PAD_BATCHES": "1"}
+    for name, value in values.items():
+        clean_env.setenv(name, value)
+    assert settings_from_env() == Settings(
+        model_dir=tmp_path.resolve(), index_dir=tmp_path / "i", device="cpu", api_token="t", max_images=3,
+        max_pixels=1_000_000, max_body_mb=5, threads=2, workers=4, max_batch=16, max_latency_ms=500,
+        max_inflight_images=7, max_queue_ms=0, body_timeout_s=9, inline_pixels=0, pad_batches=1)
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("BARLOW_DEVICE", "gpu", "BARLOW_DEVICE must be one of"),
+    ("BARLOW_MAX_PIXELS", "lots", "BARLOW_MAX_PIXELS must be an integer"),
+    ("BARLOW_MAX_IMAGES", "0", "BARLOW_MAX_IMAGES must be at least 1"),
+    ("BARLOW_THREADS", "-1", "BARLOW_THREADS must be at least 0"),
+])
+def test_bad_values_are_one_sentence(clean_env, name, value, message):
+    clean_env.setenv(name, value)
+    with pytest.raises(UserError, match=message):
+        settings_from_env()
+
+
+def test_no_barlow_variable_is_read_outside_the_settings():
+    """Serving reads its environment in serving/settings.py only (test_every_variable_is_read covers those);
+    the pipeline reads only BARLOW_FASHION_MNIST_DIR (where the data set lives), in one place."""
+    read = re.compile(r"(?:environ\.get|getenv|env_int)\(\s*f?[\"'](BARLOW_\w*)|environ\[[\"'](BARLOW_\w+)[\"']\](?!\s*=)")
+    readers = {}
+    for path in sorted((REPO / "pipeline").rglob("*.py")) + sorted((REPO / "serving").glob("*.py")):
+        for match in read.finditer(path.read_text()):
+            readers.setdefault(match.group(1) or match.group(2), set()).add(str(path.relative_to(REPO)))
+    assert readers == {"BARLOW_MODEL_DIR": {"serving/settings.py"}, "BARLOW_DEVICE": {"serving/settings.py"},
+                       "BARLOW_INDEX_DIR": {"serving/settings.py"}, "BARLOW_API_TOKEN": {"serving/settings.py"},
+                       "BARLOW_": {"serving/settings.py"},  # the f-string of the integer settings
+                       "BARLOW_FASHION_MNIST_DIR": {"pipeline/data/fashion_mnist.py"}}, readers
