@@ -1,7 +1,7 @@
 """Batched augmentation on one device: our `gpu_views` ops vs `kornia.augmentation` on the same batch.
 
 Both build the two Barlow Twins views (crop 0.08-1 + resize, flip, jitter 0.8, grayscale 0.2, blur
-1.0/0.1, solarize 0.0/0.2, normalize) from the same N decoded images. kornia needs one same-sized
+1.0/0.1, solarize 0.0/0.2, standardize) from the same N decoded images. kornia needs one same-sized
 float batch, so the batch here is same-sized and kornia's timing includes the uint8 -> float step;
 ours takes the list of decoded images as the training path does. Also timed: the batched decode of the
 same images as JPEG (quality 90) and ours per stage. Writes bench/results/augment_ops-<device>-<date>.json.
@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import io
-import json
-import sys
 import time
 from pathlib import Path
 
@@ -38,13 +36,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from common import RESULTS, write_record  # noqa: E402  (also puts the repo on sys.path)
 from pipeline.data import gpu_views as G  # noqa: E402
 from pipeline.config import ViewConfig  # noqa: E402
 from pipeline.data.views import blur_kernel_size  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def synchronize(device: torch.device) -> None:
@@ -120,7 +116,7 @@ def stage_times(images: list[torch.Tensor], cfg: ViewConfig, device: torch.devic
         "blur": lambda: [G.gaussian_blur(crops[v], params[v].sigma, kernel, params[v].blur)
                          for v in (0, 1) if cfg.blur_p[v] > 0],
         "solarize": lambda: [G.solarize(crops[v], params[v].solarize) for v in (0, 1) if cfg.solarize_p[v] > 0],
-        "normalize": lambda: [G.normalize(crops[v], cfg.mean, cfg.std) for v in (0, 1)],
+        "normalize": lambda: [G.standardize(crops[v], cfg.mean, cfg.std) for v in (0, 1)],
     }
     return {name: round(milliseconds(fn, device, repeats), 2) for name, fn in stages.items()}
 
@@ -184,7 +180,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     name = record["device"].replace(" ", "-")
     path = out / f"augment_ops-{name}-{record['date']}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_record(path, record)
     print(f"wrote {path}")
 
 

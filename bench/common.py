@@ -19,10 +19,14 @@ from pipeline.files import write_json  # noqa: E402  (after the sys.path insert)
 
 
 def commit() -> str:
-    """The short commit of the checkout; BARLOW_COMMIT where .git is absent (a copied tree on a GPU box)."""
+    """The short commit of the checkout, with -dirty when the code differs from it; BARLOW_COMMIT where
+    .git is absent (a copied tree on a GPU box)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                              check=True).stdout.strip()
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "pipeline", "serving", "bench/*.py"],
+                               capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get("BARLOW_COMMIT", "unknown")
 

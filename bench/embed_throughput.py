@@ -25,7 +25,6 @@ import io
 import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -34,9 +33,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common import RESULTS, commit, device_label, random_model  # noqa: E402  (also puts the repo on sys.path)
+from common import RESULTS, commit, device_label, write_record, random_model  # noqa: E402  (also puts the repo on sys.path)
 
+from pipeline.export import versions  # noqa: E402
 from pipeline.runtime import usable_cpus  # noqa: E402
+
+PACKAGES = ("onnxruntime-gpu", "onnxruntime", "faiss-cpu", "torch", "pyarrow", "webdataset")  # in the record
 
 MAX_PER_SHARD = 1000  # real buckets have many shards; small runs get at least two per decode worker
 DISTINCT_JPEGS = 256  # distinct photos, repeated under new keys: decoding costs the same, generating less
@@ -119,7 +121,7 @@ def bench_embed(args: argparse.Namespace, work: Path) -> dict:
                    "cpus": usable_cpus()},
         "embed_run": {k: run[k] for k in ("duration_s", "startup_s", "images", "written")},
         "load_average": os.getloadavg()[0],  # other work on the machine skews CPU numbers
-        "versions": versions(),
+        "versions": versions(PACKAGES),
     }
 
 
@@ -197,22 +199,9 @@ def bench_search(sizes: list[int], dims: list[int], queries: int, threads: int, 
     return records
 
 
-def versions() -> dict:
-    from importlib import metadata
-
-    found = {"python": platform.python_version()}
-    for package in ("onnxruntime-gpu", "onnxruntime", "faiss-cpu", "torch", "pyarrow", "webdataset"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
-
-
-def write_record(record: dict, name: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def save(record: dict, name: str) -> Path:
     path = RESULTS / name
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_record(path, record)
     return path
 
 
@@ -245,7 +234,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="bench-embed-") as tmp:
             work = args.work_dir or Path(tmp)
             record = bench_embed(args, work)
-        path = write_record(record, f"embed-{record['device']}-{date}.json")
+        path = save(record, f"embed-{record['device']}-{date}.json")
         print(json.dumps({k: record[k] for k in ("device", "embed_images_per_s", "raw_images_per_s", "ratio")}))
         print(f"wrote {path}")
     if not args.skip_search:
@@ -259,8 +248,8 @@ def main() -> int:
                   "data": "synthetic unit vectors: rank-64 power-law spectrum + 0.02 noise, cosine",
                   "faiss_threads": args.faiss_threads, "load_average_before": os.getloadavg()[0],
                   "results": bench_search(args.search_n, args.search_dims, args.queries, args.faiss_threads),
-                  "load_average_after": os.getloadavg()[0], "versions": versions()}
-        path = write_record(record, f"search-{date}.json")
+                  "load_average_after": os.getloadavg()[0], "versions": versions(PACKAGES)}
+        path = save(record, f"search-{date}.json")
         print(json.dumps(record["results"]))
         print(f"wrote {path}")
     return 0

@@ -25,19 +25,16 @@ import datetime
 import hashlib
 import json
 import logging
-import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from common import RESULTS, ROOT, commit, device_label, write_record  # noqa: E402  (also puts the repo on sys.path)
 from pipeline.devices import torch_device  # noqa: E402
 from pipeline.train import loop as train  # noqa: E402
 from pipeline.config import Config, apply, parse_overrides  # noqa: E402
@@ -45,35 +42,15 @@ from pipeline.evaluate.run import evaluate  # noqa: E402
 from pipeline.train.presets import PRESETS  # noqa: E402
 from pipeline.data.shards import write_shards  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 TARGETS = {"knn": 0.905, "linear": 0.920, "train_minutes": 15}
 log = logging.getLogger("quality")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device).replace(" ", "-")
-    return f"cpu-{os.cpu_count()}core"
-
-
-def commit() -> str:
-    """The git commit (with -dirty when files differ), or BARLOW_COMMIT on machines without the repository."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "pipeline", "bench/quality.py"],
-                               capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("BARLOW_COMMIT", "unknown")
 
 
 def source_digest() -> str:
     """sha256 of the pipeline sources and this script: identifies the code where git is absent."""
     digest = hashlib.sha256()
-    for path in sorted((ROOT / "pipeline").glob("*.py")) + [Path(__file__).resolve()]:
-        digest.update(path.name.encode() + path.read_bytes())
+    for path in sorted((ROOT / "pipeline").rglob("*.py")) + [Path(__file__).resolve()]:
+        digest.update(str(path.relative_to(ROOT)).encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -176,7 +153,7 @@ def main() -> int:
                       device=args.device)
 
     record = {
-        "device": device_name(device),
+        "device": device_label(device.type == "cuda"),
         **code,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "epochs": round(summary["step"] / plan.steps_per_epoch, 3),
@@ -202,7 +179,7 @@ def main() -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"quality-{record['device']}-{datetime.date.today().isoformat()}.json"
-    path.write_text(json.dumps(record, indent=1) + "\n")
+    write_record(path, record)
 
     baselines = record["baselines"]
     print(f"device {record['device']}, {record['steps']} steps = {record['epochs']} epochs in "

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common import RESULTS, commit, device_label, random_model  # noqa: E402  (also puts the repo on sys.path)
+from common import RESULTS, commit, device_label, write_record, random_model  # noqa: E402  (also puts the repo on sys.path)
 
 from pipeline.serve import start_server  # noqa: E402
 from pipeline.devices import gpu_available  # noqa: E402
@@ -214,7 +214,7 @@ def main() -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"serve-{device.lower()}-{datetime.date.today().isoformat()}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_record(path, record)
     print(json.dumps(record, indent=2))
     print(f"wrote {path}")
     return 0

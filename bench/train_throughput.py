@@ -20,7 +20,6 @@ import io
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,10 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import RESULTS, commit, device_label  # noqa: E402  (also puts the repo on sys.path)
-
-from pipeline.data import gpu_views
-from pipeline.data import stream  # noqa: E402
+from common import RESULTS, commit, device_label, write_record  # noqa: E402  (also puts the repo on sys.path)
+from pipeline.data import gpu_views, stream  # noqa: E402
 from pipeline.config import Config, apply  # noqa: E402
 from pipeline.train.model import BarlowTwins  # noqa: E402
 from pipeline.train.optim import build_optimizer, set_lr  # noqa: E402
@@ -218,7 +215,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"train_throughput-{name}-{record['date']}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_record(path, record)
     print(f"wrote {path}")
 
 

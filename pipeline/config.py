@@ -32,7 +32,7 @@ class DataConfig:
 
 @dataclass
 class ViewConfig:
-    """The two asymmetric views of REFERENCE.md section 1; entries in pairs are (view 1, view 2)."""
+    """The two asymmetric views (docs/method.md, "Views"); entries in pairs are (view 1, view 2)."""
 
     image_size: int = 224
     crop_scale: tuple[float, float] = (0.08, 1.0)

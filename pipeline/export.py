@@ -1,7 +1,7 @@
 """`barlow export RUN_DIR --out MODEL_DIR`: the trained encoder as one ONNX file plus its metadata.
 
 The graph takes what a client has, uint8 RGB pixels [N, 3, S, S] from `pipeline.data.preprocess`, and
-normalises inside, so no consumer can get mean/std wrong. Its output is the backbone representation,
+standardises (mean/std) inside, so no consumer can get mean/std wrong. Its output is the backbone representation,
 never the projector's. Before anything is published the ONNX Runtime output is compared with the torch
 encoder on random and real images at batch 1 and 8; a difference above tolerance fails the export and
 leaves MODEL_DIR as it was. Files are written under temp names and renamed, so a crash never leaves a
@@ -30,13 +30,13 @@ from pipeline.data.fashion_mnist import read_fashion_mnist
 from pipeline.errors import UserError
 from pipeline.files import atomic_output, write_json
 from pipeline.train.checkpoint import load_encoder
-from pipeline.data.preprocess import image_to_array, load_array
+from pipeline.data.preprocess import load_array
 from pipeline.runtime import MODEL_FORMAT  # the writer and the reader share one format tag
 
 logger = logging.getLogger(__name__)
 
 INPUT_NAME, OUTPUT_NAME = "images", "embedding"
-DEFAULT_TOLERANCE = 1e-4  # max |onnx - torch| / max |torch|; seen: ~1e-7 (resnet18), ~4e-7 (resnet50)
+DEFAULT_TOLERANCE = 1e-4  # max |onnx - torch| / max |torch|; fp32 graphs land orders of magnitude below
 PARITY_BATCHES = (1, 8)
 
 
@@ -150,9 +150,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def versions() -> dict[str, str]:
+EXPORT_PACKAGES = ("barlow-embed", "torch", "torchvision", "onnx", "onnxscript", "onnxruntime-gpu", "onnxruntime")
+
+
+def versions(packages: tuple[str, ...] = EXPORT_PACKAGES) -> dict[str, str]:
+    """Python's and each installed package's version (missing packages left out)."""
     found = {"python": platform.python_version()}
-    for package in ("barlow-embed", "torch", "torchvision", "onnx", "onnxscript", "onnxruntime-gpu", "onnxruntime"):
+    for package in packages:
         try:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -195,7 +199,7 @@ def export_model(run_dir: str | Path, out_dir: str | Path, tolerance: float = DE
             "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", dim],
                        "what": "backbone features (not the projector), not L2-normalised"},
             "preprocess": f"pipeline.data.preprocess.load_array: EXIF orientation, RGB, shorter side to {size} "
-                          "(bicubic), centre crop; normalisation inside the graph",
+                          "(bicubic), centre crop; mean/std standardisation inside the graph",
             "source": {"checkpoint": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint)},
             "onnx_sha256": sha256_file(tmp_onnx),
             "config": json.loads(json.dumps(config.to_dict())),  # tuples as lists, as read back

@@ -73,9 +73,6 @@ class Server:
                 self.process.wait()
         return self.process.returncode
 
-    def log_tail(self, chars: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path and self.log_path.exists() else ""
-
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float, log: str = "") -> None:
     deadline = time.monotonic() + timeout

@@ -3,7 +3,7 @@
 BentoML stops all its processes at once. The public Embedder drains its accepted requests, but each
 of them still needs one call to BatchedModel, which would otherwise close its socket at the same
 moment and turn those requests into 503s. So BatchedModel postpones uvicorn's own SIGTERM handling
-until it has been idle for `idle_s` (or `limit_s` passed), then shuts down exactly as before.
+until it has been idle for `idle_s` (or `limit_s` passed), then lets uvicorn shut down as it would have.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Load limits: admit only the work this worker can finish soon, and stop waiting for slow uploads.
 
 Overload is answered at once instead of queued: a request whose images would take this worker past
-its admission limit (images being decoded or waiting for the encoder) gets 503 with a JSON reason
+its admission limit (images being decoded or waiting for the model) gets 503 with a JSON reason
 and `Retry-After`, because a queue past capacity only adds wait (Little's law: wait = images in
 flight / images per second) until every client times out. The limit is BARLOW_MAX_INFLIGHT_IMAGES,
 lowered to what the measured speed clears in BARLOW_MAX_QUEUE_MS (default 1000), but never below one
@@ -9,13 +9,6 @@ full batch (BARLOW_MAX_BATCH), so light traffic and cold starts never see 503s. 
 after the body is read, so a slow upload never holds a slot; while the worker is full, `Gate`
 answers 503 before reading the body at all, so a flood of rejections costs the event loop little.
 The batcher's BARLOW_MAX_LATENCY_MS bound sheds what slips past (503).
-
-Measured on a shared 2-core CPU (bench/load.py, ResNet-18 at 32 px, closed-loop clients that retry
-at once): with 128 images admitted and the rejection after the multipart parse, C=256 gave 503s in
-p50 5.8 s / p99 8.5 s, but most of that was the load generator (httpx, one process, ~20 ms CPU per
-request at 256 connections); the server took under 10 ms for each 503 (barlow_request_seconds).
-What remains is Little's law: 128 admitted at ~45 images/s is ~3 s of wait by design, hence the
-target-wait bound.
 
 What bounds slow or hostile connections (BentoML 1.4.40 running uvicorn 0.54 with h11, from their
 source, checked against a running server):
@@ -30,7 +23,7 @@ source, checked against a running server):
 - Idle keep-alive connections: closed after 5 s (uvicorn timeout_keep_alive, BentoML's default).
 - Request body: BARLOW_BODY_TIMEOUT_S (here, default 30 s) bounds the whole body read -> 408;
   BentoML's traffic timeout (60 s, serving/service.py TIMEOUT_S) bounds a request until its response
-  starts -> 504 JSON, and was the only bound on a trickled body before. Size: BARLOW_MAX_BODY_MB
+  starts -> 504 JSON. Size: BARLOW_MAX_BODY_MB
   (Content-Length checked before reading, the stream counted without one) -> 413; multipart: at most
   BARLOW_MAX_IMAGES + 1 files, 8 fields, 1 MiB per text field (Starlette) -> 413/400.
 - Concurrency: uvicorn's limit_concurrency is not set by BentoML, and BentoML's
@@ -119,7 +112,7 @@ class Gate:
     with rejections delays everything, admitted requests included. Answering before reading is safe
     for clients: uvicorn (h11) discards the rest of the body and keeps the connection, so a client
     still sending reads its 503 instead of a reset. Slow uploads still hold no slot: the gate only
-    reads `Admission.full()`; the images are counted after the parse, as before.
+    reads `Admission.full()`; the images are counted after the parse.
     """
 
     def __init__(self, app, admission: Callable[[], Admission | None], paths: tuple[str, ...]):

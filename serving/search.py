@@ -68,7 +68,7 @@ async def parse_search(request: Request, max_images: int) -> tuple[list[bytes], 
 
 
 def search_payload(index: SearchIndex, embeddings: np.ndarray, k: int, model_name: str) -> dict[str, Any]:
-    """Neighbours of each (not yet normalised) embedding, as the JSON body of a 200."""
+    """Neighbours of each (not yet L2-normalised) embedding, as the JSON body of a 200."""
     start = time.perf_counter()
     results = index.search(l2_normalize(embeddings), k)
     SEARCH_SECONDS.observe(time.perf_counter() - start)

@@ -91,3 +91,9 @@ def sample_images() -> list[tuple[str, bytes]]:
         ("cmyk.jpg", encode(photo(10, mode="CMYK"), "JPEG")),
         ("sixteen.png", encode(sixteen, "PNG")),
     ]
+
+
+def log_tail(server, chars: int = 4000) -> str:
+    """The end of a `serve.Server`'s log file, for assertion messages."""
+    path = server.log_path
+    return path.read_text(errors="replace")[-chars:] if path and path.exists() else ""

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers_fuzz import check_response, hostile_image, seed_images
-from helpers_serving import make_run_dir
+from helpers_serving import log_tail, make_run_dir
 from pipeline.export import export_model
 from pipeline.serve import start_server
 
@@ -34,7 +34,7 @@ def server(tmp_path_factory):
     env = {"BENTOML_HOME": str(base / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}  # default limits
     running = start_server(base / "model", env=env, log_file=base / "server.log")
     yield running
-    assert running.stop() == 0, running.log_tail()
+    assert running.stop() == 0, log_tail(running)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_hostile_images_get_200_or_a_json_4xx_and_the_server_stays_ready(http, s
     if valid_too:  # a bad image fails its own request only, whatever its position
         files.append(("images", ("seed.png", SEEDS["PNG"], "image/png")))
     OUTCOMES[check_response(http.post("/embed", files=files), len(files))] += 1
-    assert server.process.poll() is None, server.log_tail()
+    assert server.process.poll() is None, log_tail(server)
 
 
 def test_server_ready_after_fuzzing(http, server):

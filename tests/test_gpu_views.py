@@ -2,7 +2,7 @@
 and ranges over many draws, per-step determinism, batched decoding, the raw-bytes stream and training.
 
 Tolerances (float32, images in [0, 1]):
-- brightness, contrast, saturation, hue, grayscale, blur, normalize: max abs diff 1e-5 (rounding only);
+- brightness, contrast, saturation, hue, grayscale, blur, standardize: max abs diff 1e-5 (rounding only);
   flip and solarize: exact.
 - crop + resize vs `resized_crop(..., BILINEAR, antialias=True)`: upscaling matches to 1e-5 except the
   outer 2 output pixels of a crop inside the image (roi_align reads the real neighbours past the box
@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import webdataset as wds
@@ -82,13 +81,13 @@ def test_pixel_ops_match_torchvision_for_fixed_parameters():
     hues = torch.tensor([-0.1, -0.02, 0.05, 0.1])
     sigmas = torch.tensor([0.1, 0.6, 1.3, 2.0])
     cases = [
-        (G.adjust_brightness(x, factors), [TF.adjust_brightness(x[i], float(factors[i])) for i in range(4)]),
-        (G.adjust_contrast(x, factors), [TF.adjust_contrast(x[i], float(factors[i])) for i in range(4)]),
-        (G.adjust_saturation(x, factors), [TF.adjust_saturation(x[i], float(factors[i])) for i in range(4)]),
+        (G.blend_op(x, torch.full((4,), G.BRIGHTNESS), factors, everyone), [TF.adjust_brightness(x[i], float(factors[i])) for i in range(4)]),
+        (G.blend_op(x, torch.full((4,), G.CONTRAST), factors, everyone), [TF.adjust_contrast(x[i], float(factors[i])) for i in range(4)]),
+        (G.blend_op(x, torch.full((4,), G.SATURATION), factors, everyone), [TF.adjust_saturation(x[i], float(factors[i])) for i in range(4)]),
         (G.adjust_hue(x, hues), [TF.adjust_hue(x[i], float(hues[i])) for i in range(4)]),
         (G.grayscale(x, everyone), [TF.rgb_to_grayscale(x[i], num_output_channels=3) for i in range(4)]),
         (G.gaussian_blur(x, sigmas, 7, everyone), [TF.gaussian_blur(x[i], [7, 7], [float(sigmas[i])] * 2) for i in range(4)]),
-        (G.normalize(x, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        (G.standardize(x, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
          [TF.normalize(x[i], [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]) for i in range(4)]),
     ]
     for index, (ours, theirs) in enumerate(cases):

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers_embed import clustered_vectors, fmnist_copy, other_model, read_rows, shared_embeddings, shared_model
+from helpers_serving import log_tail
 from pipeline import cli
 from pipeline.embed.embed import EMBEDDINGS_FORMAT, embed, write_part
 from pipeline.errors import UserError
@@ -195,7 +196,7 @@ def test_search_endpoint_through_a_real_server(model_dir, index_dir, query_files
             assert httpx.post(f"{server.url}/search", files=files[:1]).status_code == 401
             assert http.post("/embed", files=files[:1]).status_code == 200, "/embed still served beside /search"
     finally:
-        assert server.stop() == 0, server.log_tail()
+        assert server.stop() == 0, log_tail(server)
 
 
 def test_search_without_an_index_answers_404():

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from helpers_serving import encode, photo, sample_images
-from pipeline.errors import UserError
+
 from pipeline.data.preprocess import (BadImage, decode_image, image_to_array, load_array,
                                  resize_center_crop, to_rgb)
 

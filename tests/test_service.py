@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers_serving import encode, exported_model, photo, sample_images, torch_embed, torch_reference
+from helpers_serving import encode, exported_model, log_tail, photo, sample_images, torch_embed, torch_reference
 from pipeline.data.preprocess import load_array
 from pipeline.serve import PROJECT_ROOT, free_port, start_server, wait_ready
 from pipeline.runtime import OnnxModel
@@ -56,7 +56,7 @@ def server(model, tmp_path_factory):
            "BARLOW_MAX_PIXELS": str(MAX_PIXELS), "BARLOW_MAX_BATCH": "32", "BARLOW_PAD_BATCHES": "1"}
     running = start_server(model_dir, env=env, log_file=tmp / "server.log")
     yield running
-    assert running.stop() == 0, running.log_tail()
+    assert running.stop() == 0, log_tail(running)
 
 
 @pytest.fixture()

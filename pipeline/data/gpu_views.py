@@ -1,7 +1,7 @@
 """The GPU data path: decode a whole batch on the training device and build both views there.
 
 The CPU path (`views.py`) decodes and augments one image at a time in DataLoader workers; at ImageNet
-sizes that starves a GPU (REFERENCE.md, "Speed of the anchors"). Here the workers only read encoded
+sizes that starves a GPU, since one CPU thread decodes far fewer JPEGs per second than a GPU trains on. Here the workers only read encoded
 bytes (`stream.train_loader(transform=None)`), and the main process
 
 1. decodes the batch at once: `torchvision.io.decode_jpeg(list, device=...)` (nvJPEG on CUDA) for
@@ -9,7 +9,7 @@ bytes (`stream.train_loader(transform=None)`), and the main process
 2. builds both views with batched ops whose parameters are random PER SAMPLE: random resized crop
    (boxes drawn exactly like `RandomResizedCrop`, resampled with `torchvision.ops.roi_align`), flip,
    colour jitter (per-sample factors in a per-sample random order), grayscale, Gaussian blur with a
-   per-sample sigma (separable grouped convolution), solarize, normalize;
+   per-sample sigma (separable grouped convolution), solarize, standardize (per-channel mean and std);
 3. returns channels_last tensors, bf16 for bf16 runs (CUDA), fp32 otherwise.
 
 All random draws come from one `torch.Generator` on the device, seeded from (seed, epoch, rank, step),
@@ -21,12 +21,7 @@ on float images, so intermediate values are not rounded to uint8. `tests/test_gp
 the tolerances against torchvision's functional ops.
 
 Why our own ops rather than `kornia.augmentation`: kornia needs one same-sized input tensor, so the
-variable-sized decoded images would first need a pad or resize pass. `bench/augment_ops.py` times both
-on the same batch: on CPU (1 thread, 16 images -> 112 px) they tie within noise, 47-63 ms each. On one
-H200 (256 images 500x375 -> 224 px, both views, bf16) kornia took 31.6 ms and ours 37.5 ms, 17.7 ms of
-it in the crop (one roi_align call per image), on a batch of equal-sized images that kornia can take
-as one tensor; with variable sizes kornia needs a pad or resize pass first that this did not time.
-Open: batch the crop into one roi_align over a padded tensor, then re-measure and keep the faster.
+variable-sized decoded images would first need a pad or resize pass. `bench/augment_ops.py` times both.
 """
 
 from __future__ import annotations
@@ -276,18 +271,6 @@ def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.
     return torch.lerp(other.expand_as(x), x, _per_sample(factor)).clamp_(0, 1)
 
 
-def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(x, torch.zeros_like(x[:, :1]), factor)
-
-
-def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(x, to_grayscale(x).mean((1, 2, 3), keepdim=True), factor)
-
-
-def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(x, to_grayscale(x), factor)
-
-
 def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
     """torchvision's _rgb_to_hsv (Pillow's formula) on an NCHW batch; hue in [0, 1)."""
     r, g, b = x.unbind(1)
@@ -319,7 +302,7 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return hsv_to_rgb(torch.stack((h, s, v), dim=1))
 
 
-def _blend_op(x: torch.Tensor, op: torch.Tensor, factor: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+def blend_op(x: torch.Tensor, op: torch.Tensor, factor: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     """Brightness, contrast or saturation per sample (`op` [N]); inactive samples get factor 1 (identity).
 
     The three are one blend against a different `other`: black, the mean luma, or the luma image.
@@ -347,7 +330,7 @@ def color_jitter(x: torch.Tensor, apply: torch.Tensor, factors: torch.Tensor, or
             op = order[:, position]
             placed = position > hue_at if after else position < hue_at
             factor = factors.gather(1, op.unsqueeze(1)).squeeze(1)
-            out = _blend_op(out, op, factor, apply & placed & (op != HUE))
+            out = blend_op(out, op, factor, apply & placed & (op != HUE))
     return torch.where(_per_sample(apply), out, x)
 
 
@@ -374,7 +357,7 @@ def solarize(x: torch.Tensor, mask: torch.Tensor, threshold: float = SOLARIZE_TH
     return torch.where(_per_sample(mask) & (x >= threshold), 1 - x, x)
 
 
-def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+def standardize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     mean_t = _constant(list(mean), x.device).to(x.dtype).view(1, -1, 1, 1)
     std_t = _constant(list(std), x.device).to(x.dtype).view(1, -1, 1, 1)
     return (x - mean_t) / std_t
@@ -391,7 +374,7 @@ def augment(crops: torch.Tensor, params: ViewParams, cfg: ViewConfig, view: int)
         x = gaussian_blur(x, params.sigma, blur_kernel_size(cfg.image_size), params.blur)
     if cfg.solarize_p[view] > 0:
         x = solarize(x, params.solarize)
-    return normalize(x, cfg.mean, cfg.std)
+    return standardize(x, cfg.mean, cfg.std)
 
 
 # ---------------------------------------------------------------- the two views of a batch
@@ -402,7 +385,7 @@ class GpuTwoViews:
     [N, 3, S, S] channels_last in `dtype`.
 
     `compile=True` runs everything after the crop through `torch.compile`, which fuses the ~100
-    elementwise passes of jitter, grayscale, solarize and normalize into a few kernels (the batch
+    elementwise passes of jitter, grayscale, solarize and standardize into a few kernels (the batch
     shape is fixed, so it compiles once per view).
     """
 

@@ -4,7 +4,7 @@ Serving, batch embedding and evaluation all import this module, so the served em
 embedding and the evaluated embedding of the same bytes are computed from identical pixels. The
 steps: decode safely (untrusted bytes; size checked before pixels are decoded), first frame only,
 EXIF orientation, RGB (alpha composited on white, 16-bit scaled to 8-bit), resize the shorter side
-to the eval size (bicubic), centre crop. Normalisation is not here: it lives inside the ONNX graph.
+to the eval size (bicubic), centre crop. Standardisation (mean/std) is not here: it lives inside the ONNX graph.
 """
 
 from __future__ import annotations

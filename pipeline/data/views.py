@@ -1,9 +1,9 @@
-"""The two asymmetric augmented views of Barlow Twins (BYOL's recipe, REFERENCE.md section 1).
+"""The two asymmetric augmented views of Barlow Twins (BYOL's recipe, docs/method.md).
 
 View 1 and view 2 differ only in the probabilities of blur and solarize. Everything is parameterised
 by `ViewConfig` (image size, crop scale, per-view probabilities), so 32-px Fashion-MNIST and 224-px
 ImageNet run the same code. The ops work on uint8 tensors (faster than float or PIL) and convert to
-normalised float32 at the end. Randomness comes only from the global torch RNG, which the data
+standardised float32 at the end. Randomness comes only from the global torch RNG, which the data
 loader seeds per sample, so a resumed run draws the same views.
 """
 
@@ -49,7 +49,7 @@ def to_rgb_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
 
 
 class TwoViews:
-    """Callable: image -> (view1, view2), two float32 CHW tensors of `cfg.image_size`, normalised."""
+    """Callable: image -> (view1, view2), two float32 CHW tensors of `cfg.image_size`, standardised."""
 
     def __init__(self, cfg: ViewConfig):
         self.cfg = cfg

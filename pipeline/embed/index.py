@@ -4,8 +4,8 @@ Similarity is cosine: vectors are L2-normalised and compared by inner product. `
 the default; `ivf-pq` is for collections too large to scan, trained on a sample: an inverted file of
 sqrt-N-ish lists scanned with 4-bit fast-scan product-quantisation codes (D/16 bytes), whose best
 k x K_FACTOR candidates are re-ranked with 8-bit scalar-quantised vectors (D bytes). PQ codes alone
-rank embeddings poorly (recall@10 0.55-0.64 with D/8-byte codes in bench/); re-ranking lifts it to
-~0.94 at about a quarter of flat's memory (README, "Batch embedding and search"). INDEX_DIR holds `index.faiss`,
+rank embeddings poorly; the re-ranking recovers most of flat's recall at about a quarter of its
+memory (bench/embed_throughput.py measures both). INDEX_DIR holds `index.faiss`,
 `keys.parquet` (row -> key, source, label) and `index.json` (model, dim, metric, kind, count),
 each written under a temp name and renamed; `index.json` goes last, and loading checks the three
 agree. Embeddings of different models are never mixed: the model's sha256 must match in every part.
@@ -92,7 +92,7 @@ def ivf_lists(count: int) -> int:
 
 def search_lists(nlist: int) -> int:
     """Lists scanned per query (nprobe): 32, or 1/16 of the lists when there are more (10^6 vectors:
-    1000 lists, 62 scanned; recall@10 0.88 -> 0.94 for +0.4 ms in bench/)."""
+    1000 lists, 62 scanned), which buys recall for little latency."""
     return min(nlist, max(DEFAULT_NPROBE, nlist // 16))
 
 

@@ -64,7 +64,7 @@ class EvaluatedModel:
 
 
 class TorchModel:
-    """A backbone under torch with the ONNX graph's normalisation (`export.FeatureExtractor`), on `device`."""
+    """A backbone under torch with the ONNX graph's standardisation (`export.FeatureExtractor`), on `device`."""
 
     def __init__(self, backbone: torch.nn.Module, mean, std, device: torch.device):
         from pipeline.export import FeatureExtractor

@@ -372,7 +372,7 @@ class RunLog:
 
 @torch.no_grad()
 def diagnose(core: nn.Module, view: torch.Tensor, projections: torch.Tensor) -> dict[str, float]:
-    """RankMe of eval-mode backbone embeddings of this batch, and std of normalised projections."""
+    """RankMe of eval-mode backbone embeddings of this batch, and std of L2-normalised projections."""
     was_training = core.training
     core.backbone.eval()
     features = core.backbone(view)

