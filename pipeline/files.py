@@ -53,7 +53,7 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         os.replace(temp, path)
     except BaseException as exc:
         temp.unlink(missing_ok=True)
-        refused = _os_error(exc)
+        refused = None if isinstance(exc, (UserError, KeyboardInterrupt, SystemExit)) else _os_error(exc)
         if refused is not None:
             raise UserError(f"cannot write {path}: {refused.strerror or refused}; the previous {path.name} "
                             "(if any) is kept") from None
@@ -61,10 +61,11 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
 
 
 def _os_error(exc: BaseException | None) -> OSError | None:
+    """The OSError `exc` is or was raised from (torch.save wraps a failed write in a RuntimeError)."""
     while exc is not None:
         if isinstance(exc, OSError):
             return exc
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
     return None
 
 

@@ -283,8 +283,8 @@ def write_part(path: Path, keys: list[str], sources: list[str], labels: list[int
     table = pa.Table.from_arrays(
         [pa.array(keys, pa.string()), pa.array(sources, pa.string()), pa.array(labels, pa.int32()),
          pa.FixedSizeListArray.from_arrays(flat, dim)], schema=schema)
-    with atomic_output(path) as temp:
-        pq.write_table(table, temp)
+    with atomic_output(path) as temp, open(temp, "wb") as file:
+        pq.write_table(table, file)
 
 
 def read_part_meta(path: Path) -> dict[str, Any] | None:

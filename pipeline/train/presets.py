@@ -12,7 +12,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Zbontar et al. 2021: ResNet-50, projector 8192-8192-8192, batch 2048, 1000 epochs, LARS 0.2/0.0048.
     "imagenet": {},
     # Fashion-MNIST at 32 px: ResNet-18 with the small stem. Like solo-learn and lightly on CIFAR, no blur at
-    # 32 px (the small image has little detail left to blur away); solarize kept for view 2. Crop scale
+    # 32 px (a sigma range meant for 224 px smears a 28-px garment); solarize kept for view 2. Crop scale
     # 0.08-1 and the 2048-2048-2048 projector were chosen by kNN on a CPU screen (bench/quality.py).
     "fmnist": {
         "views": {"image_size": 32, "crop_scale": [0.08, 1.0], "blur_p": [0.0, 0.0],
