@@ -1,9 +1,9 @@
-"""`barlow export RUN_DIR --out MODEL_DIR`: the trained encoder as one ONNX file plus its metadata.
+"""`barlow export RUN_DIR --out MODEL_DIR`: the trained backbone as one ONNX file plus its metadata.
 
 The graph takes what a client has, uint8 RGB pixels [N, 3, S, S] from `pipeline.data.preprocess`, and
 standardises (mean/std) inside, so no consumer can get mean/std wrong. Its output is the backbone representation,
 never the projector's. Before anything is published the ONNX Runtime output is compared with the torch
-encoder on random and real images at batch 1 and 8; a difference above tolerance fails the export and
+FeatureExtractor on random and real images at batch 1 and 8; a difference above tolerance fails the export and
 leaves MODEL_DIR as it was. Files are written under temp names and renamed, so a crash never leaves a
 half-written model.
 """
@@ -53,7 +53,7 @@ class FeatureExtractor(nn.Module):
         return self.backbone((images.float() / 255 - self.mean) / self.std)
 
 
-def export_onnx(encoder: FeatureExtractor, path: Path, image_size: int) -> int:
+def export_onnx(extractor: FeatureExtractor, path: Path, image_size: int) -> int:
     """Write the one-file ONNX graph with a dynamic batch axis; returns its opset."""
     # Batch 2 in the example: torch.export would specialise a batch of 1 into a constant.
     example = torch.randint(0, 256, (2, 3, image_size, image_size), dtype=torch.uint8)
@@ -61,7 +61,7 @@ def export_onnx(encoder: FeatureExtractor, path: Path, image_size: int) -> int:
     for chatty in ("onnxscript", "onnx_ir"):  # one INFO line per optimisation pass otherwise
         logging.getLogger(chatty).setLevel(logging.WARNING)
     torch.onnx.export(
-        encoder.eval(), (example,), str(path), dynamo=True, external_data=False, verbose=False,
+        extractor.eval(), (example,), str(path), dynamo=True, external_data=False, verbose=False,
         input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes={"images": {0: batch}},
     )
     import onnx
@@ -110,16 +110,16 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def compare(encoder: FeatureExtractor, session: Any, images: np.ndarray) -> dict[str, float]:
+def compare(extractor: FeatureExtractor, session: Any, images: np.ndarray) -> dict[str, float]:
     """Max absolute and relative (to the largest torch output) difference, ONNX Runtime vs torch."""
     with torch.inference_mode():
-        expected = encoder(torch.from_numpy(images)).numpy()
+        expected = extractor(torch.from_numpy(images)).numpy()
     actual = session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
     max_abs = float(np.abs(actual - expected).max())
     return {"max_abs": max_abs, "max_rel": max_abs / max(float(np.abs(expected).max()), 1e-12)}
 
 
-def check_parity(encoder: FeatureExtractor, onnx_path: Path, image_size: int, tolerance: float,
+def check_parity(extractor: FeatureExtractor, onnx_path: Path, image_size: int, tolerance: float,
                  image_paths: list[Path] | None = None) -> dict[str, Any]:
     """ONNX Runtime (CPU) vs torch on random and real images at batch 1 and 8; raises above tolerance."""
     import onnxruntime as ort
@@ -131,13 +131,13 @@ def check_parity(encoder: FeatureExtractor, onnx_path: Path, image_size: int, to
     for batch in PARITY_BATCHES:
         random = rng.integers(0, 256, (batch, 3, image_size, image_size), dtype=np.uint8)
         for kind, images in (("random", random), ("real", real[:batch])):
-            checks.append({"images": kind, "batch": batch, **compare(encoder, session, images)})
+            checks.append({"images": kind, "batch": batch, **compare(extractor, session, images)})
     worst = {key: max(check[key] for check in checks) for key in ("max_abs", "max_rel")}
     parity = {**worst, "tolerance": tolerance, "provider": "CPUExecutionProvider", "real_source": real_source,
               "checks": checks}
     if not worst["max_rel"] <= tolerance:  # `not <=` also catches NaN
         raise UserError(
-            f"ONNX Runtime output differs from the torch encoder by max abs {worst['max_abs']:.3g} (relative "
+            f"ONNX Runtime output differs from the torch FeatureExtractor by max abs {worst['max_abs']:.3g} (relative "
             f"{worst['max_rel']:.3g}), above the tolerance {tolerance:g}; the export was not written")
     return parity
 
@@ -178,13 +178,13 @@ def export_model(run_dir: str | Path, out_dir: str | Path, tolerance: float = DE
     out_dir = Path(out_dir)
     backbone, config = load_encoder(checkpoint)
     size, views = config.views.image_size, config.views
-    encoder = FeatureExtractor(backbone, views.mean, views.std).eval()
+    extractor = FeatureExtractor(backbone, views.mean, views.std).eval()
     with atomic_output(out_dir / "model.onnx") as tmp_onnx:  # renamed only once the parity check passed
         logger.info("exporting %s (%s, %d px) to ONNX", checkpoint, config.model.arch, size)
-        opset = export_onnx(encoder, tmp_onnx, size)
-        parity = check_parity(encoder, tmp_onnx, size, tolerance, image_paths)
+        opset = export_onnx(extractor, tmp_onnx, size)
+        parity = check_parity(extractor, tmp_onnx, size, tolerance, image_paths)
         with torch.inference_mode():
-            dim = int(encoder(torch.zeros(1, 3, size, size, dtype=torch.uint8)).shape[1])
+            dim = int(extractor(torch.zeros(1, 3, size, size, dtype=torch.uint8)).shape[1])
         run_name = checkpoint.resolve().parent.name
         info = {
             "format": MODEL_FORMAT,

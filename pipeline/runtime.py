@@ -5,7 +5,7 @@ the served and the batch embeddings run the same graph on the same providers. CU
 asked) when torch sees a GPU, else CPU with one intra-op thread per usable CPU.
 `get_available_providers()` lists CUDA even on CPU-only machines, so it is never the GPU test;
 `import torch` also loads the CUDA/cuDNN libraries onnxruntime-gpu needs. TF32 stays off so the GPU
-embedding matches the torch encoder within the export's parity tolerance. onnxruntime is imported
+embedding matches the torch FeatureExtractor within the export's parity tolerance. onnxruntime is imported
 only when a session is made, so `pipeline` imports without it.
 """
 

@@ -43,7 +43,7 @@ def exported_model(base: Path, name: str) -> tuple[Path, Path]:
 
 
 def torch_reference(run_dir: Path) -> FeatureExtractor:
-    """The torch encoder exactly as export wraps it: uint8 RGB in, backbone features out."""
+    """The torch FeatureExtractor exactly as export wraps it: uint8 RGB in, backbone features out."""
     backbone, config = load_encoder(run_dir / "encoder.pt")
     return FeatureExtractor(backbone, config.views.mean, config.views.std).eval()
 

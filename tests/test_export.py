@@ -66,7 +66,7 @@ def test_graph_takes_uint8_with_a_dynamic_batch_and_returns_backbone_features(ex
 def test_parity_gate_fails_with_a_clear_message_and_writes_nothing(exported, tmp_path):
     run_dir, model_dir, _ = exported
     other_run = make_run_dir(tmp_path / "other", seed=1)  # a different encoder: the graph no longer matches
-    with pytest.raises(UserError, match=r"differs from the torch encoder by max abs .* above the tolerance"):
+    with pytest.raises(UserError, match=r"differs from the torch FeatureExtractor by max abs .* above the tolerance"):
         check_parity(torch_reference(other_run), model_dir / "model.onnx", 32, 1e-4)
     out = tmp_path / "model"
     out.mkdir()

@@ -31,7 +31,7 @@ RAW_PIXELS_SIZE = 32  # the raw-pixel baseline looks at (at most) 32 x 32 images
 
 @dataclass
 class Features:
-    """Features of one SRC per encoder name, the labels, and what was skipped."""
+    """Features of one SRC per feature-function name, the labels, and what was skipped."""
 
     features: dict[str, np.ndarray]  # name -> float32 [N, D]
     labels: np.ndarray  # int64 [N]

@@ -85,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="kNN vote weight exp(sim / T) (default %(default)s)")
     parser.add_argument("--baselines", action="store_true",
                         help="also raw pixels (kNN) and the same architecture at random initialisation")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per encoder call (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per model call (default %(default)s)")
     parser.add_argument("--limit-train", type=int, metavar="N", help="only the first N training images")
     parser.add_argument("--limit-test", type=int, metavar="N", help="only the first N test images")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda, for torch models and the protocols")

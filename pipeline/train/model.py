@@ -1,4 +1,4 @@
-"""Encoder (torchvision ResNet, fc removed) and the Barlow Twins projector."""
+"""The backbone (torchvision ResNet, fc removed) and the Barlow Twins projector."""
 
 from __future__ import annotations
 
@@ -19,14 +19,14 @@ def build_backbone(arch: str, small_stem: bool = False) -> tuple[nn.Module, int]
     """
     if arch not in ARCHS:
         raise UserError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    encoder = getattr(torchvision.models, arch)(weights=None, zero_init_residual=True)
-    dim = encoder.fc.in_features
-    encoder.fc = nn.Identity()
+    backbone = getattr(torchvision.models, arch)(weights=None, zero_init_residual=True)
+    dim = backbone.fc.in_features
+    backbone.fc = nn.Identity()
     if small_stem:
-        encoder.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        nn.init.kaiming_normal_(encoder.conv1.weight, mode="fan_out", nonlinearity="relu")
-        encoder.maxpool = nn.Identity()
-    return encoder, dim
+        backbone.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(backbone.conv1.weight, mode="fan_out", nonlinearity="relu")
+        backbone.maxpool = nn.Identity()
+    return backbone, dim
 
 
 def build_projector(spec: str, in_dim: int) -> nn.Sequential:
