@@ -122,8 +122,12 @@ def run(args) -> int:
         print(f"try it:\n  curl -F images=@{query} {server.url}/embed\n  curl -F images=@{query} -F k=5 {server.url}/search")
         if args.no_serve:
             return 0
-        print("serving until Ctrl-C")
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        print("serving until Ctrl-C", flush=True)
+        # Blocked so that sigwait takes them: SIGTERM's default action would end this process before the
+        # finally below stops the server, which runs in its own session and would be left behind.
+        stops = {signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        signal.sigwait(stops)
         return 0
     finally:
         code = server.stop()
