@@ -27,11 +27,11 @@ from PIL import Image
 from torch import nn
 
 from pipeline.data.fashion_mnist import read_fashion_mnist
+from pipeline.data.preprocess import load_array
 from pipeline.errors import UserError
 from pipeline.files import atomic_output, write_json
-from pipeline.train.checkpoint import load_encoder
-from pipeline.data.preprocess import load_array
 from pipeline.runtime import MODEL_FORMAT  # the writer and the reader share one format tag
+from pipeline.train.checkpoint import load_encoder
 
 logger = logging.getLogger(__name__)
 

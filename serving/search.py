@@ -23,8 +23,8 @@ from prometheus_client import Counter, Histogram
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from pipeline.runtime import l2_normalize
 from pipeline.embed.search import DEFAULT_K, MAX_K, SearchIndex
+from pipeline.runtime import l2_normalize
 from serving.requests import RequestError, read_image_parts
 
 logger = logging.getLogger(__name__)

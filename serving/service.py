@@ -26,12 +26,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from pipeline.runtime import OnnxModel, l2_normalize, load_model_info, usable_cpus
 from serving import metrics
 from serving.batching import GPU_PROVIDERS, bucket_for, bucket_sizes, pad_rows
 from serving.drain import IdleDrain
 from serving.limits import Admission, Gate, Unavailable, body_deadline
 from serving.openapi import openapi_document
-from pipeline.runtime import OnnxModel, l2_normalize, load_model_info, usable_cpus
 from serving.requests import (EmbedRequest, RequestError, check_body_size, check_token, header_pixels,
                               parse_base64_json, parse_multipart, preprocess_all, read_body)
 from serving.search import open_index, search

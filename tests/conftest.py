@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 
 
-
 def random_image(seed: int, size: tuple[int, int] = (24, 20), mode: str = "RGB") -> Image.Image:
     """A noise image: any change of pixels (re-encoding, wrong member) shows in comparisons."""
     rng = np.random.default_rng(seed)

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.train.checkpoint import load_encoder, save_encoder
 from pipeline.config import Config
 from pipeline.export import FeatureExtractor
+from pipeline.train.checkpoint import load_encoder, save_encoder
 from pipeline.train.model import build_backbone
 from pipeline.train.presets import PRESETS
 

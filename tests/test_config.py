@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from pipeline.config import Config, apply, parse_overrides, save_yaml, load_yaml
+from pipeline.config import Config, apply, load_yaml, parse_overrides, save_yaml
 from pipeline.errors import UserError
 from pipeline.train.presets import PRESETS
 

@@ -17,12 +17,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers_embed import (other_model, read_rows, shared_embeddings, shared_model, tar_keys, write_tar)
 from pipeline import cli
-from pipeline.embed.embed import Shard, embed, parse_part_of, resolve_shards, share, shard_stem, unique_stems
-from pipeline.errors import UserError
 from pipeline.data.preprocess import load_array
 from pipeline.data.shards import write_shards
+from pipeline.embed.embed import Shard, embed, parse_part_of, resolve_shards, shard_stem, share, unique_stems
+from pipeline.errors import UserError
+
+from helpers_embed import other_model, read_rows, shared_embeddings, shared_model, tar_keys, write_tar
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 

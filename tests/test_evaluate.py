@@ -15,13 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers_serving import make_run_dir
-from pipeline.evaluate import features as feats
 from pipeline.errors import UserError
-from pipeline.runtime import MODEL_FORMAT
+from pipeline.evaluate import features as feats
 from pipeline.evaluate.protocols import knn, linear_probe
 from pipeline.evaluate.run import evaluate
+from pipeline.runtime import MODEL_FORMAT
 from pipeline.train.monitor import KnnMonitor, knn_scores, topk_accuracy
+
+from helpers_serving import make_run_dir
 
 
 def barlow(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -143,8 +144,8 @@ def tiny_run(tmp_path_factory) -> Path:
 
 
 def test_features_use_the_shared_preprocessing_and_count_corrupt_and_unlabelled(fmnist_shards, tiny_run, tmp_path):
-    from pipeline.data.preprocess import load_array
     from pipeline.data.fashion_mnist import read_fashion_mnist
+    from pipeline.data.preprocess import load_array
 
     model = feats.open_model(tiny_run, torch.device("cpu"))
     images, labels = read_fashion_mnist("test")

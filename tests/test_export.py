@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from helpers_serving import make_run_dir, sample_images, torch_reference
 from pipeline import cli
+from pipeline.data.preprocess import load_array
 from pipeline.errors import UserError
 from pipeline.export import check_parity, export_model
-from pipeline.data.preprocess import load_array
+
+from helpers_serving import make_run_dir, sample_images, torch_reference
 
 pytestmark = pytest.mark.slow  # each export traces and converts a ResNet-18 (~5 s on 2 cores)
 

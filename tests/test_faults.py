@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers_faults import (checkpoint_file_size_limit, checkpoint_kill_during_save, embed_random_kills,
-                            reference_run, shard_faults_mid_epoch, train_random_kills)
 from pipeline.data.shards import write_shards
+
+from helpers_faults import (checkpoint_file_size_limit, checkpoint_kill_during_save, embed_random_kills, reference_run,
+                            shard_faults_mid_epoch, train_random_kills)
 
 SEED = int(os.environ.get("BARLOW_FAULT_SEED", "8"))
 STEPS, CHECKPOINT_EVERY = 8, 2

@@ -15,10 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers_fuzz import check_response, hostile_image, seed_images
-from helpers_serving import log_tail, make_run_dir
 from pipeline.export import export_model
 from pipeline.serve import start_server
+
+from helpers_fuzz import check_response, hostile_image, seed_images
+from helpers_serving import log_tail, make_run_dir
 
 pytestmark = pytest.mark.slow
 

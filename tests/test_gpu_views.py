@@ -28,11 +28,11 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from pipeline.config import ViewConfig
 from pipeline.data import gpu_views as G
 from pipeline.data import stream
-from pipeline.train.checkpoint import TRAINING_FORMAT, safe_load
-from pipeline.config import ViewConfig
 from pipeline.errors import UserError
+from pipeline.train.checkpoint import TRAINING_FORMAT, safe_load
 
 CPU = torch.device("cpu")
 EXACT = 1e-5

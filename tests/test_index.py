@@ -11,13 +11,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from helpers_embed import clustered_vectors, fmnist_copy, other_model, read_rows, shared_embeddings, shared_model
-from helpers_serving import log_tail
 from pipeline import cli
 from pipeline.embed.embed import EMBEDDINGS_FORMAT, embed, write_part
-from pipeline.errors import UserError
 from pipeline.embed.index import build_index
 from pipeline.embed.search import SearchIndex
+from pipeline.errors import UserError
+
+from helpers_embed import clustered_vectors, fmnist_copy, other_model, read_rows, shared_embeddings, shared_model
+from helpers_serving import log_tail
 
 TOKEN = "search-token"
 QUERIES = (3, 77, 150, 199)  # Fashion-MNIST test images inside the 200 indexed ones

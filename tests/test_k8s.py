@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
+
 from helpers_tools import venv_tool
 
 REPO = Path(__file__).resolve().parents[1]

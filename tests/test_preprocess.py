@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers_serving import encode, photo, sample_images
+from pipeline.data.preprocess import BadImage, decode_image, image_to_array, load_array, resize_center_crop, to_rgb
 
-from pipeline.data.preprocess import (BadImage, decode_image, image_to_array, load_array,
-                                 resize_center_crop, to_rgb)
+from helpers_serving import encode, photo, sample_images
 
 SIZE = 32
 

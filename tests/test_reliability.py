@@ -27,9 +27,10 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers_serving import encode, exported_model, photo, torch_embed, torch_reference
 from pipeline.data.preprocess import load_array
 from pipeline.serve import PROJECT_ROOT, free_port, wait_ready
+
+from helpers_serving import encode, exported_model, photo, torch_embed, torch_reference
 
 pytestmark = pytest.mark.slow
 

@@ -25,10 +25,11 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers_serving import encode, exported_model, log_tail, photo, sample_images, torch_embed, torch_reference
 from pipeline.data.preprocess import load_array
-from pipeline.serve import PROJECT_ROOT, free_port, start_server, wait_ready
 from pipeline.runtime import OnnxModel
+from pipeline.serve import PROJECT_ROOT, free_port, start_server, wait_ready
+
+from helpers_serving import encode, exported_model, log_tail, photo, sample_images, torch_embed, torch_reference
 
 pytestmark = pytest.mark.slow
 

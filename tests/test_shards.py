@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from pipeline import cli
-from pipeline.errors import UserError
 from pipeline.data.fashion_mnist import read_fashion_mnist
 from pipeline.data.shards import write_shards
 from pipeline.data.stream import CorruptCounter, decode_rgb, expand_urls, iter_samples, label_of
+from pipeline.errors import UserError
 
 
 def read_back(out: Path) -> list[dict]:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from helpers_tools import venv_tool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,8 +79,8 @@ def local_command(nproc: int, run_dir: Path, config: Path) -> tuple[list[str], d
 def tiny_config(fashion_mnist, tmp_path_factory) -> Path:
     """The `tiny` preset as a `--config` file (what the ConfigMap holds), over 512 Fashion-MNIST images."""
     from pipeline.config import Config, apply, save_yaml
-    from pipeline.train.presets import PRESETS
     from pipeline.data.shards import write_shards
+    from pipeline.train.presets import PRESETS
 
     root = tmp_path_factory.mktemp("torchrun")
     write_shards("fashion-mnist:test", root / "shards", per_shard=64, limit=512)

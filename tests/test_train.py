@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.train.checkpoint import TRAINING_FORMAT, load_encoder, safe_load
-from pipeline.errors import UserError
 from pipeline.data.shards import write_shards
+from pipeline.errors import UserError
+from pipeline.train.checkpoint import TRAINING_FORMAT, load_encoder, safe_load
 
 # Deterministic CPU kernels and a fixed thread count: the bit-exact resume test compares raw bytes.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -36,13 +36,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.devices import RUNTIME_DEVICES
-from pipeline.errors import UserError
-from pipeline.files import atomic_output, remove_stale_temps, write_json
 from pipeline.data.preprocess import DEFAULT_MAX_PIXELS, BadImage, load_array
 from pipeline.data.shards import unique_key
 from pipeline.data.stream import (IMAGE_EXTENSIONS, CorruptCounter, CorruptSample, expand_urls, image_member,
-                             iter_samples, label_of, read_index, split_by_node, split_by_worker)
+                                  iter_samples, label_of, read_index, split_by_node, split_by_worker)
+from pipeline.devices import RUNTIME_DEVICES
+from pipeline.errors import UserError
+from pipeline.files import atomic_output, remove_stale_temps, write_json
 
 logger = logging.getLogger(__name__)
 

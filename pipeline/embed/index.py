@@ -26,9 +26,9 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.embed.embed import read_part_meta
+from pipeline.embed.search import INDEX_FORMAT
 from pipeline.errors import UserError
 from pipeline.files import atomic_output, write_json
-from pipeline.embed.search import INDEX_FORMAT
 from pipeline.runtime import l2_normalize
 
 logger = logging.getLogger(__name__)
