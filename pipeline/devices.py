@@ -19,6 +19,11 @@ TORCH_DEVICES = ("auto", "cpu", "cuda")  # cuda:N is accepted too
 RUNTIME_DEVICES = ("auto", "cpu", "cuda", "tensorrt")  # tensorrt: TensorRT provider, then CUDA, then CPU
 
 
+def local_rank() -> int:
+    """This process's rank on its node (torchrun's LOCAL_RANK; 0 without torchrun): the index of its GPU."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
 def gpu_available() -> bool:
     try:
         import torch
@@ -38,7 +43,7 @@ def torch_device(name: str = "auto") -> torch.device:
     if name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise UserError(f"device {name} asked for, but torch sees no GPU")
-        return torch.device(name) if ":" in name else torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device(name) if ":" in name else torch.device("cuda", local_rank())
     raise UserError(f"the device must be one of {', '.join(TORCH_DEVICES)} or cuda:N, not {name!r}")
 
 

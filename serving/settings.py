@@ -7,6 +7,7 @@ The offline commands (`barlow embed`, `barlow search`) take flags instead and ne
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -62,9 +63,12 @@ def env_int(name: str, default: int, minimum: int = 1) -> int:
     if not value:
         return default
     try:
-        number = int(float(value)) if name == "BARLOW_MAX_PIXELS" else int(value)  # 4e7 pixels is fine
+        number = float(value)  # 4e7 is an integer too
     except ValueError:
-        raise UserError(f"{name} must be an integer, not {value!r}") from None
+        number = math.nan
+    if not number.is_integer():
+        raise UserError(f"{name} must be an integer, not {value!r}")
+    number = int(number)
     if number < minimum:
         raise UserError(f"{name} must be at least {minimum}, not {number}")
     return number

@@ -34,11 +34,6 @@ def launch_rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
-def local_rank() -> int:
-    """This process's rank on its node (torchrun's LOCAL_RANK; 0 without torchrun)."""
-    return int(os.environ.get("LOCAL_RANK", 0))
-
-
 def init_distributed(device: torch.device) -> None:
     """Join the process group torchrun describes (env://), in a store namespace of this restart attempt.
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from pipeline.config import Config, apply, load_yaml, parse_overrides, save_yaml
 from pipeline.data import gpu_views, stream
 from pipeline.data.views import TwoViews
-from pipeline.devices import torch_device
+from pipeline.devices import local_rank, torch_device
 from pipeline.errors import UserError
 from pipeline.train import diagnostics, distributed
 from pipeline.train.checkpoint import load_training, rng_state, save_encoder, save_training, set_rng_state
@@ -156,6 +156,10 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+def checkpoint_path(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / "last.pt"
+
+
 @dataclass
 class Run:
     """What a run sets up once: where it runs, the model and optimizer, and how batches are made."""
@@ -181,7 +185,7 @@ class Run:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.run_dir / "checkpoints" / "last.pt"
+        return checkpoint_path(self.run_dir)
 
 
 @dataclass
@@ -221,9 +225,8 @@ def set_up(config: Config, run_dir: Path) -> tuple[Run, Progress]:
     optimizer = build_optimizer(core, config.optim)
 
     progress = Progress()
-    checkpoint_path = run_dir / "checkpoints" / "last.pt"
-    if checkpoint_path.exists():
-        state = load_training(checkpoint_path, config)
+    if checkpoint_path(run_dir).exists():
+        state = load_training(checkpoint_path(run_dir), config)
         core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         progress.step = int(state["step"])
@@ -336,7 +339,7 @@ class RunLog:
             save_yaml(config, run.run_dir / "config.yaml")
         self.metrics = diagnostics.MetricsLog(run.run_dir / "metrics.jsonl", step) if run.is_main else None
         self.gauges = None
-        if config.train.metrics_port and distributed.local_rank() == 0:
+        if config.train.metrics_port and local_rank() == 0:
             self.gauges = diagnostics.PrometheusGauges(config.train.metrics_port)
             if monitor:
                 monitor.attach(self.gauges)
