@@ -5,7 +5,8 @@ standardises (mean/std) inside, so no consumer can get mean/std wrong. Its outpu
 never the projector's. Before anything is published the ONNX Runtime output is compared with the torch
 FeatureExtractor on random and real images at batch 1 and 8; a difference above tolerance fails the export and
 leaves MODEL_DIR as it was. Files are written under temp names and renamed, so a crash never leaves a
-half-written model.
+half-written model. MODEL_DIR may be a bucket URL (s3://, gs://, az://): the model is exported and checked
+in a local temp folder, then uploaded, model.json last, so a reader that finds model.json finds model.onnx.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import io
 import json
 import logging
 import platform
+import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from pipeline import storage
 from pipeline.data.fashion_mnist import read_fashion_mnist
 from pipeline.data.preprocess import load_array
 from pipeline.errors import UserError
@@ -174,6 +177,12 @@ def encoder_path(run_dir: Path) -> Path:
 def export_model(run_dir: str | Path, out_dir: str | Path, tolerance: float = DEFAULT_TOLERANCE,
                  image_paths: list[Path] | None = None) -> dict[str, Any]:
     """Export RUN_DIR/encoder.pt to MODEL_DIR/model.onnx + model.json; returns the model.json dict."""
+    if storage.is_url(out_dir):
+        storage.check_writable(out_dir)
+        with tempfile.TemporaryDirectory(prefix="barlow-export-") as folder:
+            info = export_model(run_dir, folder, tolerance, image_paths)
+            storage.publish_folder(Path(folder), out_dir, last=("model.json",))
+        return info
     checkpoint = encoder_path(Path(run_dir))
     out_dir = Path(out_dir)
     backbone, config = load_encoder(checkpoint)
@@ -214,7 +223,8 @@ def export_model(run_dir: str | Path, out_dir: str | Path, tolerance: float = DE
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, help="RUN_DIR with encoder.pt (or the encoder.pt itself)")
-    parser.add_argument("--out", type=Path, required=True, help="MODEL_DIR to write model.onnx and model.json")
+    parser.add_argument("--out", required=True,
+                        help="MODEL_DIR (a folder or bucket URL) to write model.onnx and model.json")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help="largest accepted |onnx - torch| / max |torch| (default %(default)g)")
     parser.add_argument("--images", type=Path, nargs="+", metavar="IMAGE",
@@ -224,7 +234,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     info = export_model(args.run_dir, args.out, args.tolerance, args.images)
     parity = info["parity"]
-    print(f"exported {info['name']} to {args.out / 'model.onnx'}: dim {info['dim']}, input uint8 "
+    print(f"exported {info['name']} to {storage.join(args.out, 'model.onnx')}: dim {info['dim']}, input uint8 "
           f"3x{info['image_size']}x{info['image_size']}; parity vs torch on {len(parity['checks'])} batches "
           f"(random + {parity['real_source']}): max abs {parity['max_abs']:.3g}, max rel {parity['max_rel']:.3g} "
           f"(tolerance {parity['tolerance']:g})")

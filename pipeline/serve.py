@@ -4,6 +4,10 @@ The server is a child process (BentoML's process manager plus one process per se
 and SIGINT are forwarded to it, so in-flight requests drain before it exits, and `barlow serve`
 then exits 0. `start_server` is the same launch for scripts, the demo and tests: it returns once
 /readyz answers 200 (model loaded and one warm-up inference done).
+
+MODEL_DIR and INDEX_DIR may be bucket URLs (s3://, gs://, az://, http(s)): their files are downloaded
+to a local cache first (`storage.local_copy`), since ONNX Runtime and faiss open paths; the server then serves
+the copy. `serving/settings.py` does the same for a BARLOW_MODEL_DIR that is a URL.
 """
 
 from __future__ import annotations
@@ -22,12 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from pipeline import storage
+from pipeline.embed.search import local_index
 from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 SERVICE = "serving.service:Embedder"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # where the `serving` package lives
+MODEL_FILES = ("model.onnx", "model.json")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -36,15 +43,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def server_env(model_dir: Path, index_dir: Path | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The child's environment: ours, plus the BARLOW_* contract and a quiet BentoML."""
-    model_dir = Path(model_dir).resolve()
+def server_env(model_dir: str | Path, index_dir: str | Path | None = None,
+               extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The child's environment: ours, plus the BARLOW_* contract and a quiet BentoML. Bucket URLs are
+    downloaded first (`storage.local_copy`) and the child serves the local copies."""
+    model_dir = storage.local_copy(model_dir, MODEL_FILES).resolve()
     if not (model_dir / "model.onnx").is_file() or not (model_dir / "model.json").is_file():
         raise UserError(f"{model_dir} is not a MODEL_DIR (model.onnx + model.json); run barlow export first")
     env = dict(os.environ)
     env["BARLOW_MODEL_DIR"] = str(model_dir)
     if index_dir is not None:
-        env["BARLOW_INDEX_DIR"] = str(Path(index_dir).resolve())
+        env["BARLOW_INDEX_DIR"] = str(local_index(index_dir).resolve())
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")
     env.update(extra or {})
     return env
@@ -99,7 +108,7 @@ def start_server(model_dir: str | Path, host: str = "127.0.0.1", port: int = 0, 
     The child gets its own session so a terminal's Ctrl-C reaches only us, and we forward it.
     """
     port = port or free_port(host)
-    child_env = server_env(Path(model_dir), Path(index_dir) if index_dir else None, env)
+    child_env = server_env(model_dir, index_dir or None, env)
     log_path, output = None, None
     if log_file is not None and not hasattr(log_file, "write"):
         log_path = Path(log_file)
@@ -120,8 +129,8 @@ def start_server(model_dir: str | Path, host: str = "127.0.0.1", port: int = 0, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", type=Path, help="MODEL_DIR written by barlow export")
-    parser.add_argument("--index", type=Path, help="INDEX_DIR written by barlow index (enables /search)")
+    parser.add_argument("model_dir", help="MODEL_DIR written by barlow export (a folder or bucket URL)")
+    parser.add_argument("--index", help="INDEX_DIR written by barlow index, a folder or bucket URL (enables /search)")
     # B104 intended: the server runs in a container/pod, reached through its Service; BARLOW_API_TOKEN guards it
     parser.add_argument("--host", default="0.0.0.0", help="address to bind (default %(default)s)")  # nosec B104
     parser.add_argument("--port", type=int, default=3000, help="port (default %(default)s)")

@@ -2,6 +2,8 @@
 
 `barlow serve`, a Bento and a Kubernetes Deployment configure the service the same way, through
 these variables; each has one default, the field's below. A bad value stops startup with one sentence.
+BARLOW_MODEL_DIR and BARLOW_INDEX_DIR may be bucket URLs: they are downloaded to a local cache
+($BARLOW_CACHE_DIR) at startup, so a pod can serve a model straight from a bucket.
 The offline commands (`barlow embed`, `barlow search`) take flags instead and never read them.
 """
 
@@ -12,9 +14,12 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.data.preprocess import DEFAULT_MAX_PIXELS
 from pipeline.devices import RUNTIME_DEVICES
+from pipeline.embed.search import local_index
 from pipeline.errors import UserError
+from pipeline.serve import MODEL_FILES
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the Bento's src/ when served from a Bento
 BUNDLED_MODEL = "models/current"  # where bentofile.yaml packs the MODEL_DIR
@@ -87,6 +92,10 @@ def settings_from_env() -> Settings:
                                   ("workers", 1), ("max_batch", 1), ("max_latency_ms", 1),
                                   ("max_inflight_images", 0), ("max_queue_ms", 0), ("body_timeout_s", 1),
                                   ("inline_pixels", 0), ("pad_batches", -1))}
+    if storage.is_url(model_dir):
+        model_dir = str(storage.local_copy(model_dir, MODEL_FILES))
+    if storage.is_url(index_dir):
+        index_dir = str(local_index(index_dir))
     return Settings(model_dir=resolve_dir(model_dir) if model_dir else None,
                     index_dir=Path(index_dir) if index_dir else None, device=device,
                     api_token=os.environ.get("BARLOW_API_TOKEN", "").strip(), **ints)

@@ -56,3 +56,29 @@ def fmnist_shards(fashion_mnist, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fmnist-shards")
     write_shards("fashion-mnist:test", out, per_shard=48, limit=200)
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 for the whole session (see helpers_s3)."""
+    from helpers_s3 import S3Server
+
+    server = S3Server.start(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The S3 server, emptied, with its AWS variables set in this process (children inherit them).
+
+    Returns the server; `s3.client()` is a boto3 client for arranging buckets and objects."""
+    from pipeline import storage
+
+    s3_server.reset()
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv(storage.OPTIONS_ENV, raising=False)
+    storage._filesystems.clear()  # s3fs clients made under other variables
+    yield s3_server
+    storage._filesystems.clear()

@@ -73,14 +73,24 @@ def tar_keys(path: Path) -> list[str]:
     return list(dict.fromkeys(name.split(".", 1)[0] for name in names))
 
 
-def read_rows(emb_dir: Path) -> dict[str, list]:
-    """All parts' columns concatenated, in part order."""
+def read_rows(emb_dir: Path | str) -> dict[str, list]:
+    """All live parts' columns concatenated, in part order (superseded parts left out, as readers do)."""
+    from pipeline.embed.parts import find_parts
+
     rows: dict[str, list] = {"key": [], "source": [], "label": [], "embedding": []}
-    for path in sorted(emb_dir.glob("part-*.parquet")):
-        table = pq.read_table(path).to_pydict()
+    for part in find_parts(str(emb_dir)).live.values():
+        fs, path = part_fs(part.location)
+        with fs.open(path, "rb") as file:
+            table = pq.read_table(file).to_pydict()
         for column in rows:
             rows[column] += table[column]
     return rows
+
+
+def part_fs(location: str):
+    from pipeline import storage
+
+    return storage.filesystem(location)
 
 
 def fmnist_copy(index: int, size: int = 56, quality: int = 85) -> bytes:

@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import cli
-from pipeline.embed.embed import EMBEDDINGS_FORMAT, embed, write_part
+from pipeline.embed.embed import embed
 from pipeline.embed.index import build_index
+from pipeline.embed.parts import new_meta, part_name, write_part
 from pipeline.embed.search import SearchIndex
 from pipeline.errors import UserError
 
@@ -62,10 +63,13 @@ def test_index_records_model_dim_metric_and_every_key(index_dir, emb_dir, model_
     model = json.loads((model_dir / "model.json").read_text())
     assert info["model"]["sha256"] == model["onnx_sha256"] and info["model"]["name"] == model["name"]
     assert (info["dim"], info["metric"], info["kind"], info["count"]) == (512, "cosine", "flat", 200)
-    keys = pq.read_table(index_dir / "keys.parquet").to_pydict()
+    keys = pq.read_table(index_dir / info["generation"] / "keys.parquet").to_pydict()
     rows = read_rows(emb_dir)
-    assert keys == {"key": rows["key"], "source": rows["source"], "label": rows["label"]}, "row i is embedding i"
-    assert sorted(p.name for p in index_dir.iterdir()) == ["index.faiss", "index.json", "keys.parquet"]
+    assert {c: keys[c] for c in ("key", "source", "label")} == {c: rows[c] for c in ("key", "source", "label")}, \
+        "row i is embedding i"
+    assert sum(info["parts"].values()) == 200 and set(keys["part"]) == set(info["parts"])
+    assert sorted(p.name for p in index_dir.iterdir()) == [info["generation"], "index.json"]
+    assert sorted(p.name for p in (index_dir / info["generation"]).iterdir()) == ["index.faiss", "keys.parquet"]
     index = SearchIndex(index_dir)
     assert len(index) == 200 and np.allclose(index.reconstruct(5), rows["embedding"][5], atol=1e-6)
 
@@ -119,10 +123,11 @@ def test_mixing_models_is_refused_with_a_clear_message(emb_dir, model_dir, index
     embed(other, str(single), tmp_path / "other-emb", workers=0)
     mixed = tmp_path / "mixed"
     shutil.copytree(emb_dir, mixed)
-    shutil.copy(tmp_path / "other-emb" / "part-extra.parquet", mixed)
+    for part in (tmp_path / "other-emb").glob("part-*.parquet"):
+        shutil.copy(part, mixed)
     assert cli.main(["index", str(mixed), "--out", str(tmp_path / "idx")]) == 2
     err = capsys.readouterr().err
-    assert "mixes embeddings of different models" in err and "other-resnet18" in err
+    assert "holds embeddings of another model" in err and "other-resnet18" in err
     assert not (tmp_path / "idx" / "index.json").exists()
 
     assert cli.main(["search", str(index_dir), "--model", str(other), str(query_files[0])]) == 2
@@ -138,16 +143,15 @@ def test_ivf_pq_trains_on_a_sample_and_keeps_recall_against_flat(tmp_path):
     vectors = clustered_vectors(10_000, 32)
     model = {"name": "synthetic", "sha256": "f" * 64, "dim": 32, "image_size": 8}
     emb = tmp_path / "emb"
-    emb.mkdir()
     for part in range(2):
         if part == 1:  # 5,000 embeddings so far: too few to train the quantizers on
             with pytest.raises(UserError, match="needs at least 10,000"):
                 build_index(emb, tmp_path / "small", kind="ivf-pq")
         rows = range(part * 5000, (part + 1) * 5000)
-        meta = {"format": EMBEDDINGS_FORMAT, "model": model, "normalized": True, "shard": f"s{part}",
-                "count": 5000, "failures": []}
-        write_part(emb / f"part-s{part}.parquet", [f"k{i}" for i in rows], [f"src{i}" for i in rows],
-                   [None] * 5000, vectors[rows.start:rows.stop], meta)
+        sources = {f"src{i}": "v1" for i in rows}
+        write_part(str(emb / part_name(f"s{part}", sources, model["sha256"])), [f"k{i}" for i in rows],
+                   list(sources), [None] * 5000, vectors[rows.start:rows.stop],
+                   new_meta(model, True, "file", sources, 5000, [], []))
     flat_info = build_index(emb, tmp_path / "flat")
     ivf_info = build_index(emb, tmp_path / "ivf", kind="ivf-pq")
     assert ivf_info["kind"] == "ivf-pq" and ivf_info["count"] == 10_000 and ivf_info["pq_bytes"] == 2

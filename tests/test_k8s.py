@@ -1,8 +1,9 @@
 """Offline checks of k8s/: every overlay renders with `kubectl kustomize`, every object validates with
 `kubernetes-validate --strict` against Kubernetes 1.30 and 1.37, the manifests keep the properties the
 design depends on (rendezvous names, preemption policy, GPU counts, Pod Security "restricted",
-probes, paths that line up between stages), and every `barlow ...` and `torchrun ...` line in a
-manifest or Dockerfile is accepted by the real argument parsers (the drift check).
+probes, paths that line up between stages, buckets, no credential written in a manifest), and every
+`barlow ...` and `torchrun ...` line in a manifest or Dockerfile is accepted by the real argument
+parsers (the drift check).
 """
 
 from __future__ import annotations
@@ -29,9 +30,16 @@ REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 DOCKERFILES = sorted((REPO / "docker").glob("*.Dockerfile"))
 VERSIONS = ("1.30.0", "1.37.0")
-# What users apply: the two overlays, and the GPU one with the in-flight-requests HPA component.
-VARIANTS = {"cpu": ("overlays/cpu",), "gpu": ("overlays/gpu",), "gpu+hpa-inflight": ("overlays/gpu", "components/hpa-inflight")}
+# What users apply: the two overlays, the GPU one with the in-flight-requests HPA component, and with
+# the bucket component (embed and index Jobs on S3).
+VARIANTS = {"cpu": ("overlays/cpu",), "gpu": ("overlays/gpu",),
+            "gpu+hpa-inflight": ("overlays/gpu", "components/hpa-inflight"),
+            "gpu+bucket": ("overlays/gpu", "components/bucket")}
 STAGES = {"storage", "train", "serve", "embed", "index"}
+BUCKET_SECRET = "barlow-bucket-credentials"
+# Environment variable names that hold credentials: only ever from a Secret (valueFrom / envFrom).
+CREDENTIAL_NAME = re.compile(r"SECRET|ACCESS_KEY|TOKEN|PASSWORD|PASSWD|API_KEY|CREDENTIAL|CONNECTION_STRING",
+                             re.IGNORECASE)
 RDZV_PORT = 29400
 
 
@@ -451,7 +459,7 @@ def test_every_pod_meets_pod_security_restricted(variant):
                 assert parse_quantity(request) <= parse_quantity(limit), (name, c["name"], resource)
 
 
-@pytest.mark.parametrize("variant", ["cpu", "gpu"])
+@pytest.mark.parametrize("variant", ["cpu", "gpu", "gpu+bucket"])
 def test_every_reference_resolves_and_every_object_has_a_stage(variant):
     present = {(o["kind"], o["metadata"]["name"]) for o in objects(variant)}
     for obj in objects(variant):
@@ -466,7 +474,7 @@ def test_every_reference_resolves_and_every_object_has_a_stage(variant):
         assert mounts <= {v["name"] for v in pod_spec(workload).get("volumes", [])}
 
 
-@pytest.mark.parametrize("variant", ["cpu", "gpu"])
+@pytest.mark.parametrize("variant", ["cpu", "gpu", "gpu+bucket"])
 def test_stage_paths_line_up(variant):
     """RUN_DIR -> export -> MODEL_DIR -> serve and embed -> EMB_DIR -> index: one seam per env var."""
     env = lambda kind, name, c: env_of(container(find(variant, kind, name), c))  # noqa: E731
@@ -552,7 +560,7 @@ def test_hpa_inflight_component_scales_on_bentoml_requests_in_progress():
 # ---------------------------------------------------------------- batch embedding
 
 
-@pytest.mark.parametrize("variant", ["cpu", "gpu"])
+@pytest.mark.parametrize("variant", ["cpu", "gpu", "gpu+bucket"])
 def test_embedding_job_splits_the_shards_by_completion_index(variant):
     job = find(variant, "Job", "barlow-embed")
     embed = container(job, "embed")
@@ -566,6 +574,80 @@ def test_embedding_job_splits_the_shards_by_completion_index(variant):
     assert {"type": "DisruptionTarget", "status": "True"} in ignore
     index = find(variant, "Job", "barlow-index")
     assert index["metadata"]["labels"]["barlow-embed/stage"] == "index", "the index build is a separate step"
+
+
+# ---------------------------------------------------------------- buckets
+
+
+def test_bucket_component_moves_embedding_and_index_to_a_bucket():
+    job, index_job = find("gpu+bucket", "Job", "barlow-embed"), find("gpu+bucket", "Job", "barlow-index")
+    embed, index = container(job, "embed"), container(index_job, "index")
+    env, index_env = env_of(embed), env_of(index)
+    argv = [expand(t, env) for t in embed["command"]]
+    index_argv = [expand(t, index_env) for t in index["command"]]
+    assert env["DATA_URLS"].startswith("s3://") and env["EMB_DIR"].startswith("s3://")
+    assert flag(argv, "--data") == env["DATA_URLS"] and flag(argv, "--out") == env["EMB_DIR"]
+    assert "--prune" not in argv, "removing the rows of vanished sources stays an operator's explicit choice"
+    # The index Job reads what the embed Job writes, and writes its index to the bucket as well.
+    assert index_argv[:3] == ["barlow", "index", env["EMB_DIR"]]
+    assert flag(index_argv, "--out") == index_env["INDEX_DIR"] and index_env["INDEX_DIR"].startswith("s3://")
+    # The overlay's own settings survive the component's patch (env lists merge by name).
+    assert env["BARLOW_DEVICE"] == "cuda" and int(env["JOB_COMPLETIONS"]) == job["spec"]["completions"]
+    # MODEL_DIR stays on the shared volume, where the export Job writes it and the serving pods wait for it.
+    mounts = [PurePosixPath(m["mountPath"]) for m in embed["volumeMounts"]]
+    assert any(PurePosixPath(env["MODEL_DIR"]).is_relative_to(m) for m in mounts)
+    serve = container(find("gpu+bucket", "Deployment", "barlow-serve"), "serve")
+    assert env["MODEL_DIR"] == env_of(serve)["BARLOW_MODEL_DIR"]
+    # Keys come from an optional Secret: clusters with IRSA / Pod Identity / Workload Identity create none.
+    for c in (embed, index):
+        assert c["envFrom"] == [{"secretRef": {"name": BUCKET_SECRET, "optional": True}}]
+    assert not [o for o in objects("gpu+bucket") if o["kind"] == "Secret"], "the README creates the Secret"
+    # Without the component, everything stays on the volume.
+    assert not [line for line in text("gpu").splitlines() if "s3://" in line]
+    assert "envFrom" not in container(find("gpu", "Job", "barlow-embed"), "embed")
+    # Both command lines, with their bucket URLs, are accepted by the CLI.
+    parse_barlow(argv[1:])
+    parse_barlow(index_argv[1:])
+
+
+def literal_credentials(objs: list[dict]) -> list[str]:
+    """Where a manifest writes a credential itself: an env var with a credential-like name and a literal
+    value, a Secret object, or a ConfigMap key with such a name. Secrets are created with kubectl."""
+    found = []
+    for obj in objs:
+        name = f"{obj['kind']}/{obj['metadata']['name']}"
+        if obj["kind"] == "Secret":
+            found.append(name)
+        if obj["kind"] == "ConfigMap":
+            found += [f"{name} {key}" for key in obj.get("data") or {} if CREDENTIAL_NAME.search(key)]
+        if obj["kind"] in ("Job", "Deployment", "StatefulSet", "DaemonSet"):
+            found += [f"{name} {c['name']} {e['name']}" for c in containers(obj) for e in c.get("env", [])
+                      if CREDENTIAL_NAME.search(e["name"]) and "value" in e]
+    return found
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_no_manifest_holds_a_credential(variant):
+    assert not literal_credentials(objects(variant))
+
+
+def test_credential_check_catches_a_literal_key():
+    """The check itself: a key pasted into the embed Job's env, or a Secret object, is found."""
+    job = find("gpu+bucket", "Job", "barlow-embed")  # a fresh parse: editing it changes no other test
+    container(job, "embed")["env"].append({"name": "AWS_SECRET_ACCESS_KEY", "value": "not-a-real-key"})
+    secret = {"kind": "Secret", "metadata": {"name": BUCKET_SECRET}, "stringData": {"AWS_ACCESS_KEY_ID": "x"}}
+    assert literal_credentials([job, secret]) == ["Job/barlow-embed embed AWS_SECRET_ACCESS_KEY",
+                                                  f"Secret/{BUCKET_SECRET}"]
+
+
+def test_no_file_under_k8s_holds_a_cloud_key():
+    """Also what kustomize does not render (Helm values, comments): no AWS key id or key-shaped assignment."""
+    key_id = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
+    assignment = re.compile(r"(SECRET_ACCESS_KEY|ACCOUNT_KEY|PASSWORD)\s*[=:]\s*['\"]?[A-Za-z0-9/+]{20,}")
+    for path in sorted(K8S.rglob("*")):
+        if path.is_file():
+            content = path.read_text()
+            assert not key_id.search(content) and not assignment.search(content), path.relative_to(REPO)
 
 
 # ---------------------------------------------------------------- drift check

@@ -1,6 +1,6 @@
 """The package layout: folders follow the flow, and no import runs back up a layer or round in a cycle.
 
-Layers, lowest first: shared helpers (errors, files, config, devices) < data < train < export and
+Layers, lowest first: shared helpers (errors, files, storage, config, devices) < data < train < export and
 runtime < evaluate < embed < the commands that run the whole flow (cli, demo, serve). A module may
 import its own layer and those below. serving/ sits on top of the pipeline, which never imports it.
 Imports inside functions count too: a lazy import is still a dependency.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = [
-    ("pipeline.errors", "pipeline.files", "pipeline.config", "pipeline.devices"),
+    ("pipeline.errors", "pipeline.files", "pipeline.storage", "pipeline.config", "pipeline.devices"),
     ("pipeline.data",),
     ("pipeline.train",),
     ("pipeline.export", "pipeline.runtime"),

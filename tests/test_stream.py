@@ -109,8 +109,8 @@ def test_http_urls_read_the_same_samples(uneven_shards, tmp_path):
 def test_bad_specs_give_one_sentence(uneven_shards, tmp_path):
     with pytest.raises(UserError, match=r"shard .*shard-000003\.tar does not exist$"):
         stream.expand_urls(f"{tmp_path}/shard-{{000000..000009}}.tar")
-    with pytest.raises(UserError, match="pipe:aws s3 cp s3://bucket/a.tar -"):
-        stream.expand_urls("s3://bucket/a.tar")
+    with pytest.raises(UserError, match=r"^cannot open nope:// locations"):
+        stream.expand_urls("nope://bucket/a.tar")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no .tar shards"):
         stream.expand_urls(str(tmp_path / "empty"))

@@ -1,8 +1,10 @@
 """Reading WebDataset shards: URL specs, node/worker splitting, corrupt-sample accounting and the
 deterministic, resampled training stream.
 
-URL specs are what `--data` accepts: a local tar, a folder of tars, a brace pattern, `pipe:CMD` (so
-`pipe:aws s3 cp s3://b/k-{0..9}.tar -` works) or http(s), several joined by `::` as in webdataset.
+URL specs are what `--data` accepts: a local tar, a folder of tars, a brace pattern, a bucket URL
+(`s3://`, `gs://`, `az://`: one object, a brace pattern or a prefix holding .tar objects), `pipe:CMD`
+or http(s), several joined by `::` as in webdataset. Bucket objects are streamed through fsspec
+(`pipeline.storage`), which webdataset's own openers do not know.
 
 Training reads a RESAMPLED stream: every rank draws shards with replacement and runs the same number
 of steps, so uneven shards can never leave one rank waiting in a DDP collective. Batch s of an epoch is
@@ -31,12 +33,13 @@ from urllib.parse import urlparse
 import torch
 from PIL import Image
 
+from pipeline import storage
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm", "gif")
-REMOTE_SCHEMES = ("http", "https", "gs", "hf", "ais", "sftp", "scp", "ftps")  # opened by webdataset.gopen
+REMOTE_SCHEMES = ("http", "https", "hf", "ais", "sftp", "scp", "ftps")  # opened by webdataset.gopen; buckets by fsspec
 MIN_SAMPLES_FOR_CHECK = 100  # the corrupt fraction is judged only after this many samples
 LOGGED_CORRUPT = 20  # corrupt samples logged one by one; after that one line per LOG_EVERY
 LOG_EVERY = 1000
@@ -53,17 +56,47 @@ def _is_remote(url: str) -> bool:
     return url.startswith("pipe:") or urlparse(url).scheme in REMOTE_SCHEMES
 
 
+def _is_bucket(url: str) -> bool:
+    return not _is_remote(url) and storage.is_url(url)
+
+
+def _bucket_tars(folder: str) -> list[str]:
+    """The .tar objects directly under a bucket prefix, sorted, as URLs of the folder's scheme."""
+    fs, path = storage.filesystem(folder)
+    with storage.errors_as_sentences(folder):
+        entries = fs.ls(path, detail=True)
+    prefix = folder.split("://", 1)[0]
+    return sorted(f"{prefix}://{e['name']}" for e in entries if e.get("type") == "file" and e["name"].endswith(".tar"))
+
+
+def _expand_bucket(spec: str) -> list[str]:
+    """A bucket object, a brace pattern of objects (checked with one listing per folder), or a prefix's tars."""
+    import braceexpand
+
+    urls = list(braceexpand.braceexpand(spec))
+    if len(urls) == 1 and not storage.is_file(spec):
+        found = _bucket_tars(spec)  # a missing prefix or bucket raises its sentence here
+        if not found:
+            raise UserError(f"no .tar shards in {spec}")
+        return found
+    listed: dict[str, set[str]] = {}
+    for url in urls:
+        folder = url.rsplit("/", 1)[0]
+        if folder not in listed:
+            listed[folder] = set(_bucket_tars(folder))
+        if url not in listed[folder]:
+            raise UserError(f"shard {url} does not exist")
+    return urls
+
+
 def _expand_one(spec: str) -> list[str]:
     import braceexpand
 
     if _is_remote(spec):
         return list(braceexpand.braceexpand(spec))
-    scheme = urlparse(spec).scheme
-    if scheme == "file":
-        spec = spec.removeprefix("file://").removeprefix("file:")
-    elif len(scheme) > 1:  # one letter is a Windows drive, not a scheme
-        hint = f"; use pipe:aws s3 cp {spec} -" if scheme == "s3" else ""
-        raise UserError(f"unsupported URL scheme {scheme}: in {spec}{hint}")
+    if _is_bucket(spec):
+        return _expand_bucket(spec)
+    spec = spec.removeprefix("file://").removeprefix("file:")
     path = Path(spec).expanduser()
     if path.is_dir():
         urls = sorted(str(p) for p in path.glob("*.tar"))
@@ -78,15 +111,17 @@ def _expand_one(spec: str) -> list[str]:
 
 
 def expand_urls(spec: str) -> list[str]:
-    """Every shard URL of a spec: local tar, folder of tars, brace pattern, pipe:CMD, http(s), joined by '::'."""
+    """Every shard URL of a spec: local tar, folder of tars, brace pattern, bucket URL or prefix, pipe:CMD,
+    http(s), joined by '::'."""
     parts = [p.strip() for p in (spec or "").split("::") if p.strip()]
     if not parts:
-        raise UserError("no data given: pass shard paths, a brace pattern, pipe:CMD or http(s) URLs")
+        raise UserError("no data given: pass shard paths, a brace pattern, a bucket prefix, pipe:CMD or http(s) URLs")
     return [url for part in parts for url in _expand_one(part)]
 
 
 def read_index(spec: str) -> dict | None:
-    """The `index.json` written by `barlow shards` beside local shards, None for remote data.
+    """The `index.json` written by `barlow shards` beside local or bucket shards; None for pipe: and
+    http(s) data, or when there is none.
 
     When the spec selects only some shards of an index, `count` and `shards` describe that selection
     (from the per-shard `counts`), so the training epoch length stays right.
@@ -94,23 +129,25 @@ def read_index(spec: str) -> dict | None:
     urls = expand_urls(spec)
     if any(_is_remote(u) for u in urls):
         return None
-    by_dir: dict[Path, list[str]] = {}
+    by_dir: dict[str, list[str]] = {}
     for url in urls:
-        by_dir.setdefault(Path(url).parent, []).append(Path(url).name)
+        folder, name = url.rsplit("/", 1) if storage.is_url(url) else (str(Path(url).parent), Path(url).name)
+        by_dir.setdefault(folder, []).append(name)
     merged: dict | None = None
     for folder, names in by_dir.items():
-        try:
-            index = json.loads((folder / "index.json").read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            raise UserError(f"cannot read {folder / 'index.json'}: {exc}") from None
+        location = storage.join(folder, "index.json")
+        fs, path = storage.filesystem(location)
+        with storage.errors_as_sentences(location):  # unreadable or not JSON: one sentence
+            try:
+                index = json.loads(fs.cat_file(path))
+            except FileNotFoundError:
+                return None
         counts = dict(zip(index.get("shards", []), index.get("counts", [])))
         if set(names) != set(index.get("shards", [])):
             if not all(n in counts for n in names):
                 return None  # shards the index does not describe: the count is unknown
             index["count"] = sum(counts[n] for n in names)
-        index["shards"] = [str(folder / n) for n in names]
+        index["shards"] = [storage.join(folder, n) for n in names]
         index["counts"] = [counts.get(n) for n in names]
         if merged is None:
             merged = index
@@ -185,8 +222,22 @@ class CorruptCounter:
             )
 
 
+def _bucket_stream(url: str, counter: CorruptCounter) -> Iterator[dict]:
+    """webdataset's `url_opener` for a bucket object, which its gopen cannot open: one fsspec stream."""
+    try:
+        fs, path = storage.filesystem(url)
+        stream = fs.open(path, "rb")
+    except Exception as exc:  # the store's own error classes too: a missing object is a shard error
+        counter.shard_error(url, storage.describe(exc, url))
+        return
+    try:
+        yield {"url": url, "stream": stream}
+    finally:
+        stream.close()
+
+
 def _shard_samples(url: str, counter: CorruptCounter) -> Iterator[dict]:
-    from webdataset.tariterators import tarfile_samples
+    from webdataset.tariterators import group_by_keys, tar_file_expander, tarfile_samples
 
     def handler(exc: Exception) -> bool:
         # webdataset appends the stream and URL to exc.args; the first argument is the message
@@ -194,7 +245,10 @@ def _shard_samples(url: str, counter: CorruptCounter) -> Iterator[dict]:
         counter.shard_error(url, f"{type(exc).__name__}: {message}")
         return True  # skip what cannot be read, keep going
 
-    samples = tarfile_samples([{"url": url}], handler=handler)
+    if _is_bucket(url):
+        samples = group_by_keys(tar_file_expander(_bucket_stream(url, counter), handler=handler), handler=handler)
+    else:
+        samples = tarfile_samples([{"url": url}], handler=handler)
     errors = counter.shard_errors
     try:
         for sample in samples:
@@ -203,7 +257,7 @@ def _shard_samples(url: str, counter: CorruptCounter) -> Iterator[dict]:
                 continue
             yield sample
     finally:
-        samples.close()  # stops a pipe: subprocess when the caller stops early
+        samples.close()  # stops a pipe: subprocess, closes a bucket stream, when the caller stops early
 
 
 def iter_samples(urls: Iterable[str], counter: CorruptCounter) -> Iterator[dict]:

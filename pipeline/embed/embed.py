@@ -1,79 +1,250 @@
-"""`barlow embed MODEL_DIR --data URLS --out EMB_DIR`: embed whole image buckets, resumably.
+"""`barlow embed MODEL_DIR --data SRC --out EMB_DIR`: embed whole image buckets, incrementally.
 
-One input shard -> one `part-<shard stem>.parquet` (key, source, label or null, embedding as a
-float32 list of D). A part is written under a temp name, fsynced and renamed, so it is complete or
-absent; a re-run skips complete parts and redoes the rest, which makes a run killed at any moment
-(kill -9, preemption) end, once re-run, with every key exactly once. `--part-of i/n` takes the
-deterministic share `shards[i::n]`, so n pods of an Indexed Job cover every shard exactly once.
+SRC is WebDataset shards (local, bucket or http; brace patterns, prefixes), a folder or bucket prefix
+of image objects (recursive; an image extension, or none and an image inside), or a .txt/.csv/.parquet
+list of image URLs or paths. EMB_DIR, a folder or a bucket prefix, holds immutable parts
+(`pipeline.embed.parts`): each records the sources it embedded with their identity (ETag, generation
+or size + mtime). A run lists SRC, compares identities with the live parts and embeds only what is
+new or changed; sources that disappeared are reported, and removed with --prune. A part is published
+whole (rename, or one upload), and a superseding part names what it replaces, so a run killed at any
+moment ends, once re-run, with every source exactly once; names are never trusted.
 
-DataLoader workers read and decode shards (one shard per worker at a time) while the main process
-runs ONNX Runtime, so the model is never waiting on JPEG decoding. Preprocessing is
-`pipeline.data.preprocess.load_array`, the function /embed uses, and embeddings are L2-normalised as
-/embed returns them by default: the batch and the served embedding of the same bytes agree.
-Undecodable images are skipped and listed with their reason; a shard that cannot be read (network,
-truncated tar) gets no part, so a re-run retries it, and the command exits non-zero.
+`--part-of i/n` (or an Indexed Job's JOB_COMPLETION_INDEX) gives each pod a deterministic share that
+does not depend on what other pods have already written: the i-th of every n listed shards or new
+images, and the parts whose names hash to i. Each pod writes its own run record
+(`runs/part-of-i-n.json`); `manifest.json` is a summary rebuilt from the parts.
 
-Each part carries its own metadata (model, shard, counts, failures) in the parquet footer;
-`manifest.json` is rebuilt from the parts after every run, so pods sharing one EMB_DIR never need to
-coordinate.
+DataLoader workers fetch (a bounded number of objects in flight per worker) and decode while the main
+process runs ONNX Runtime. Preprocessing is `pipeline.data.preprocess.load_array`, the one /embed
+uses, and embeddings are L2-normalised as /embed returns them: batch and served embeddings agree.
+An undecodable or vanished image is skipped and listed; a shard that cannot be read gets no part,
+so a re-run retries it, and the command exits non-zero.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as dt
 import hashlib
+import io
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline import storage
 from pipeline.data.preprocess import DEFAULT_MAX_PIXELS, BadImage, load_array
 from pipeline.data.shards import unique_key
 from pipeline.data.stream import (IMAGE_EXTENSIONS, CorruptCounter, CorruptSample, expand_urls, image_member,
-                                  iter_samples, label_of, read_index, split_by_node, split_by_worker)
+                                  iter_samples, label_of, read_index, split_by_worker)
 from pipeline.devices import RUNTIME_DEVICES
+from pipeline.embed.parts import (Parts, check_one_model, find_parts, new_meta, part_name, read_meta, read_table,
+                                  write_part)
 from pipeline.errors import UserError
-from pipeline.files import atomic_output, remove_stale_temps, write_json
+from pipeline.files import remove_stale_temps
 
 logger = logging.getLogger(__name__)
 
-EMBEDDINGS_FORMAT = "barlow-embed/embeddings/1"
-META_KEY = b"barlow"  # parquet footer key holding a part's JSON metadata
-FILES_PER_PART = 10_000  # image folders and path lists are cut into parts of this many files
+FILES_PER_PART = 10_000  # image objects are grouped into parts of this many
 DEFAULT_BATCH = 128
 MAX_WORKERS = 16
-LIST_SUFFIXES = (".txt", ".lst", ".list")
+DEFAULT_FETCHES = 16  # objects in flight per decoding worker: hides per-object latency of buckets
+LIST_SUFFIXES = (".txt", ".lst", ".list", ".csv", ".parquet")
+LIST_COLUMNS = ("url", "path", "key", "source", "image")
+NOT_IMAGES = {"json", "txt", "csv", "parquet", "cls", "tar", "md", "html", "xml", "yaml", "yml", "gz", "zip", "pt",
+              "onnx", "npy", "log"}  # known other files beside images: ignored (and counted) without a fetch
 
 
-# ---------------------------------------------------------------- inputs: shards and their parts
+# ---------------------------------------------------------------- listing SRC
 
 
 @dataclass(frozen=True)
-class Shard:
-    """One unit of work: a tar URL, or a slice of an image folder / path list (`files`: (key, path))."""
+class Source:
+    """One input as listed: its URL (or local path), identity, and for an image object its row key."""
 
-    stem: str
     url: str
-    files: tuple[tuple[str, str], ...] | None = None
+    identity: str | None
+    key: str | None = None  # None for a tar shard: its samples carry their keys
 
-    @property
-    def part_name(self) -> str:
-        return f"part-{self.stem}.parquet"
+
+@dataclass
+class Listing:
+    """What SRC holds now: tar shards or image objects, plus what was left out and why."""
+
+    tar: bool
+    sources: list[Source]
+    ignored: int = 0  # files beside the images that are not images by extension
+    missing: list[str] = field(default_factory=list)  # list entries that do not exist
+
+
+def _extension(url: str) -> str:
+    name = storage.name_of(url)
+    return name.rsplit(".", 1)[-1].lower() if "." in name else ""
+
+
+def _is_candidate(url: str) -> bool:
+    """An image by extension, or with no extension (decoding decides: a sniff, not a guess by name)."""
+    name = storage.name_of(url)
+    ext = _extension(url)
+    return not name.startswith(".") and (ext in IMAGE_EXTENSIONS or ext == "" or ext not in NOT_IMAGES and len(ext) > 5)
+
+
+def _keyed(pairs: list[tuple[str, str, str | None]]) -> list[Source]:
+    """(url, relative path, identity) -> Sources with unique row keys, in the given (sorted) order."""
+    used: set[str] = set()
+    return [Source(url, identity, unique_key(PurePosixPath(relative), used)) for url, relative, identity in pairs]
+
+
+def _list_folder(spec: str) -> Listing:
+    files = storage.list_files(spec)
+    base = storage.filesystem(spec)[1].rstrip("/")
+    pairs, ignored = [], 0
+    for url, entry in files.items():
+        relative = str(entry["name"])[len(base) + 1:]
+        if url.endswith("/") or any(part.startswith(".") for part in PurePosixPath(relative).parts):  # "dir/" markers
+            continue
+        if _is_candidate(url):
+            pairs.append((url, relative, storage.identity(entry)))
+        else:
+            ignored += 1
+    if not pairs:
+        raise UserError(f"{spec} holds neither .tar shards nor images ({', '.join(IMAGE_EXTENSIONS)})")
+    return Listing(False, _keyed(pairs), ignored)
+
+
+def _list_entries(spec: str) -> list[str]:
+    """The entries of a .txt/.csv/.parquet list of image URLs or paths."""
+    ext = _extension(spec)
+    if ext == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(io.BytesIO(storage.read_bytes(spec)))
+        except Exception as exc:
+            raise UserError(f"cannot read the list of images {spec}: {exc}") from None
+        column = next((c for c in LIST_COLUMNS if c in table.column_names), None)
+        if column is None:
+            raise UserError(f"{spec} has none of the columns {', '.join(LIST_COLUMNS)}")
+        return [str(v) for v in table.column(column).to_pylist() if v]
+    text = storage.read_text(spec)
+    if ext == "csv":
+        rows = list(csv.reader(io.StringIO(text)))
+        header = [h.strip().lower() for h in rows[0]] if rows else []
+        column = next((header.index(c) for c in LIST_COLUMNS if c in header), None)
+        rows = rows[1:] if column is not None else rows
+        return [row[column or 0].strip() for row in rows if row and row[column or 0].strip()]
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def _list_file_list(spec: str) -> Listing:
+    entries = _list_entries(spec)
+    if not entries:
+        raise UserError(f"{spec} lists no images")
+    base = spec.rsplit("/", 1)[0] if storage.is_url(spec) else str(storage.local_path(spec).resolve().parent)
+    resolved = []
+    for entry in entries:  # relative entries are relative to the list's folder
+        url = entry if storage.is_url(entry) or entry.startswith("/") else storage.join(base, entry)
+        relative = url[len(base) + 1:] if url.startswith(base + "/") else url.split("://", 1)[-1].lstrip("/")
+        resolved.append((url, relative))
+    identities = _identities([url for url, _ in resolved])
+    missing = [url for url, _ in resolved if url not in identities]
+    pairs = [(url, relative, identities[url]) for url, relative in resolved if url in identities]
+    return Listing(False, _keyed(pairs), missing=missing)
+
+
+def _identities(urls: list[str]) -> dict[str, str | None]:
+    """url -> identity for the URLs that exist (concurrently: one metadata request each)."""
+    def one(url: str) -> tuple[str, str | None] | None:
+        try:
+            fs, path = storage.filesystem(url)
+            return url, storage.identity(fs.info(path))
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            raise UserError(storage.describe(exc, url)) from None
+
+    with ThreadPoolExecutor(DEFAULT_FETCHES) as pool:
+        return dict(found for found in pool.map(one, urls) if found is not None)
+
+
+def _list_shards(spec: str) -> Listing:
+    urls = expand_urls(spec)
+    if len(set(urls)) != len(urls):
+        raise UserError("--data names the same shard more than once")
+    known = _identities([u for u in urls if not u.startswith("pipe:")])
+    return Listing(True, [Source(u, known.get(u)) for u in urls])
+
+
+def list_sources(spec: str) -> Listing:
+    """Everything `--data` names now, sorted, with identities."""
+    spec = (spec or "").strip()
+    if not spec:
+        raise UserError("no data given: pass shards, a folder or bucket prefix of images, or a list of images")
+    single = "::" not in spec and not spec.startswith("pipe:") and "{" not in spec
+    if single and _extension(spec) in {s.lstrip(".") for s in LIST_SUFFIXES} and storage.is_file(spec):
+        return _list_file_list(spec)
+    if single and not spec.endswith((".tar", ".tgz", ".tar.gz")) and storage.scheme(spec) not in storage.READ_ONLY \
+            and storage.is_dir(spec):
+        fs, path = storage.filesystem(spec)
+        if not fs.glob(f"{path.rstrip('/')}/*.tar"):
+            return _list_folder(spec)
+    return _list_shards(spec)
+
+
+# ---------------------------------------------------------------- planning: what to embed, who does it
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One part to write: sources to read now, plus the rows of a live part it supersedes that are kept."""
+
+    name: str  # the part file it writes
+    stem: str
+    tar: bool
+    sources: tuple[Source, ...]
+    covers: tuple[tuple[str, str | None], ...]  # every source of the new part, with identity
+    carry: str | None = None  # location of the live part whose other rows are kept
+    drop: frozenset[str] = frozenset()  # its sources not kept (changed, or pruned)
+    replaces: tuple[str, ...] = ()
+
+
+@dataclass
+class Plan:
+    """This share's work, and what the comparison with EMB_DIR found (over all shares)."""
+
+    units: list[Unit]
+    deletions: list[str]  # live parts whose every source was pruned (this share's)
+    new: int
+    changed: int
+    unchanged: int
+    gone: list[str]
+
+
+def owner_of(name: str, count: int) -> int:
+    """The share that owns an existing part: a hash of its name, stable whatever else is written."""
+    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) % count
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe stem: letters, digits, '-', '_' and inner dots."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._")[:60] or "part"
 
 
 def shard_stem(url: str) -> str:
     """`dir/shard-000001.tar` and `pipe:aws s3 cp s3://b/shard-000001.tar -` -> `shard-000001`."""
     words = [w for w in url.removeprefix("pipe:").split() if ".tar" in w] or [url]
-    name = words[-1].rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
+    name = storage.name_of(words[-1])
     for suffix in (".tar.gz", ".tgz", ".tar"):
         if name.endswith(suffix):
             name = name[: -len(suffix)]
@@ -81,58 +252,433 @@ def shard_stem(url: str) -> str:
     return safe_name(name)
 
 
-def safe_name(name: str) -> str:
-    """A file-name-safe stem: letters, digits, '-', '_' and inner dots."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._") or "shard"
+def _unit(stem: str, tar: bool, read: list[Source], model_sha: str, carry=None, kept=None, replaces=()) -> Unit:
+    covers = dict(kept or {})
+    covers.update({s.url: s.identity for s in read})
+    drop = frozenset(carry.sources) - frozenset(kept or {}) if carry is not None else frozenset()
+    return Unit(part_name(stem, covers, model_sha), stem, tar, tuple(read), tuple(sorted(covers.items())),
+                carry.location if carry else None, drop, tuple(sorted(set(replaces))))
 
 
-def unique_stems(urls: list[str]) -> list[str]:
-    """Stems, with a short hash of the URL added where two URLs share one (train/ and test/ shards)."""
-    stems = [shard_stem(u) for u in urls]
-    clashes = {s for s in stems if stems.count(s) > 1}
-    return [f"{s}-{hashlib.sha1(u.encode(), usedforsecurity=False).hexdigest()[:8]}" if s in clashes else s
-            for s, u in zip(stems, urls)]  # sha1 names a file here; it protects nothing
+def make_plan(listing: Listing, parts: Parts, model_sha: str, share: tuple[int, int], prune: bool,
+              per_part: int = FILES_PER_PART) -> Plan:
+    """Compare the listing with the live parts; this share's units (see the module docstring)."""
+    index, count = share
+    owner = parts.owner()
+    listed = {s.url: s for s in listing.sources}
+    changed = {u for u, s in listed.items() if u in owner and parts.live[owner[u]].sources[u] != s.identity}
+    new = [s for s in listing.sources if s.url not in owner]
+    gone = sorted(set(owner) - set(listed))
+    units: list[Unit] = []
+    deletions: list[str] = []
+    # Existing parts touched by a change (or a prune): superseded by one new part, by their owner.
+    stale = changed | (set(gone) if prune else set())
+    for name in sorted({owner[u] for u in stale}):
+        if owner_of(name, count) != index:
+            continue
+        part = parts.live[name]
+        drop = {u for u in part.sources if u in stale}
+        kept = {u: i for u, i in part.sources.items() if u not in drop}
+        read = [listed[u] for u in sorted(drop) if u in listed]
+        if not kept and not read:
+            deletions.append(part.location)
+            continue
+        stem = part.meta.get("unit") or "part"
+        replaces = [name, *part.meta.get("replaces", [])]
+        units.append(_unit(stem, listing.tar, read, model_sha, part if kept else None, kept, replaces)
+                     if kept else _unit(stem, listing.tar, read, model_sha, replaces=replaces))
+    # New sources: the i-th of every n in listing order (stable: the listing does not depend on EMB_DIR).
+    position = {s.url: i for i, s in enumerate(listing.sources)}
+    mine = [s for s in new if position[s.url] % count == index]
+    if listing.tar:
+        units += [_unit(shard_stem(s.url), True, [s], model_sha) for s in mine]
+    else:
+        for start in range(0, len(mine), per_part):
+            group = mine[start:start + per_part]
+            units.append(_unit(safe_name(group[0].key or "images"), False, group, model_sha))
+    return Plan(units, deletions, len(new), len(changed), len(listed) - len(new) - len(changed), gone)
 
 
-def _file_shards(paths: list[tuple[Path, Path]], name: str, per_part: int) -> list[Shard]:
-    """(path, relative) pairs, keyed and cut into parts of `per_part` in the given (sorted) order."""
-    used: set[str] = set()
-    keyed = [(unique_key(relative, used), str(path)) for path, relative in paths]
-    return [Shard(f"{safe_name(name)}-{i // per_part:06d}", f"{name}[{i}:{i + per_part}]", tuple(keyed[i:i + per_part]))
-            for i in range(0, len(keyed), per_part)]
+# ---------------------------------------------------------------- fetching and decoding (DataLoader workers)
 
 
-def _is_image_file(path: Path) -> bool:
-    return path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and not path.name.startswith(".")
+@dataclass
+class Batch:
+    """Decoded images of one unit; `last` closes the unit, `error` says why a shard could not be read."""
+
+    unit: str
+    keys: list[str]
+    sources: list[str]
+    labels: list[int | None]
+    images: torch.Tensor  # uint8 [B, 3, S, S]; a tensor so it crosses the worker queue in shared memory
+    failures: list[dict[str, str]] = field(default_factory=list)
+    fetched: int = 0
+    last: bool = False
+    error: str | None = None
 
 
-def resolve_shards(spec: str, per_part: int = FILES_PER_PART) -> list[Shard]:
-    """Every shard of `--data`, in a deterministic order: tar URLs as in training (local, brace
-    patterns, pipe:, http(s)), a plain image folder, or a text file with one image path a line."""
-    path = Path(spec).expanduser() if spec and "::" not in spec else None  # pipe: and http(s) are no paths
-    if path is not None and path.is_dir() and not any(path.glob("*.tar")):
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _is_image_file(p)
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        if not files:
-            raise UserError(f"{path} holds neither .tar shards nor images ({', '.join(IMAGE_EXTENSIONS)})")
-        return _file_shards([(p, p.relative_to(path)) for p in files], path.resolve().name or "images", per_part)
-    if path is not None and path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+def _source_of(sample: dict, url: str) -> str:
+    """The original image's source from `{key}.json` (written by barlow shards), else the shard URL."""
+    raw = sample.get("json")
+    if raw:
         try:
-            lines = [line.strip() for line in path.read_text().splitlines()]
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"cannot read the list of images {path}: {exc}") from None
-        entries = [Path(line).expanduser() for line in lines if line and not line.startswith("#")]
-        if not entries:
-            raise UserError(f"{path} lists no image paths")
-        base = path.parent.resolve()
-        entries = [p if p.is_absolute() else base / p for p in entries]  # relative to the list file
-        # Keys from the path below the list's folder, else the whole path.
-        return _file_shards([(p, p.relative_to(base) if p.is_relative_to(base) else Path(*p.parts[1:]))
-                             for p in entries], path.stem, per_part)
-    urls = expand_urls(spec)
-    if len(set(urls)) != len(urls):
-        raise UserError("--data names the same shard more than once")
-    return [Shard(stem, url) for stem, url in zip(unique_stems(urls), urls)]
+            source = json.loads(raw).get("source")
+            if isinstance(source, str) and source:
+                return source
+        except (ValueError, AttributeError):
+            pass
+    return url
+
+
+Item = tuple[str, str, "int | None", "bytes | Exception"]  # key, source, label, image bytes or why there are none
+
+
+def _tar_items(url: str, counter: CorruptCounter) -> Iterator[Item]:
+    for sample in iter_samples([url], counter):
+        key = sample["__key__"]
+        try:
+            _, data = image_member(sample)
+            label = label_of(sample)
+        except CorruptSample as exc:
+            yield key, url, None, exc
+            continue
+        yield key, _source_of(sample, url), label, data
+
+
+def fetch(url: str) -> bytes | Exception:
+    """An object's bytes, or the reason it has none (vanished, refused) as an exception to list."""
+    try:
+        if not storage.is_url(url):
+            return storage.local_path(url).read_bytes()
+        fs, path = storage.filesystem(url)
+        return fs.cat_file(path, max_concurrency=1) if storage.scheme(url) == "s3" else fs.cat_file(path)  # no HEAD
+    except FileNotFoundError:
+        return CorruptSample("vanished during the run")
+    except Exception as exc:  # a store's own error classes: listed as the reason, the run goes on
+        return CorruptSample(storage.describe(exc, url))
+
+
+def bounded_map(function: Callable, items: Iterable, in_flight: int) -> Iterator:
+    """function(item) for each item, in order, at most `in_flight` running at once in threads."""
+    with ThreadPoolExecutor(max(1, in_flight)) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= in_flight:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def unit_batches(unit: Unit, size: int, batch_size: int, max_pixels: int, fetches: int) -> Iterator[Batch]:
+    """Fetched and decoded batches of one unit; the last one has `last=True` (and `error` if a shard failed)."""
+    counter = CorruptCounter()
+    if unit.tar:
+        items: Iterator[Item] = (item for s in unit.sources for item in _tar_items(s.url, counter))
+        decoded = ((k, src, lab, _decode(data, size, max_pixels)) for k, src, lab, data in items)
+    else:
+        def fetch_decode(source: Source):
+            return source.key, source.url, None, _decode(fetch(source.url), size, max_pixels)
+
+        decoded = bounded_map(fetch_decode, unit.sources, fetches)  # decoding in threads too: PIL drops the GIL
+    keys, sources, labels, arrays, failures = [], [], [], [], []
+    fetched = 0
+
+    def batch(last: bool = False) -> Batch:
+        images = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty((0, 3, size, size), dtype=torch.uint8)
+        return Batch(unit.name, list(keys), list(sources), list(labels), images, list(failures), fetched, last,
+                     counter.first_shard_error if last else None)
+
+    for key, source, label, result in decoded:
+        fetched += 1
+        if isinstance(result, Exception):
+            failures.append({"key": key, "source": source, "reason": str(result)})
+            continue
+        keys.append(key)
+        sources.append(source)
+        labels.append(label)
+        arrays.append(result)
+        if len(arrays) == batch_size:
+            yield batch()
+            keys, sources, labels, arrays, failures, fetched = [], [], [], [], [], 0
+    yield batch(last=True)
+
+
+def _decode(data: bytes | Exception, size: int, max_pixels: int) -> np.ndarray | Exception:
+    if isinstance(data, Exception):
+        return data
+    try:
+        return load_array(data, size, max_pixels)
+    except BadImage as exc:
+        return exc
+
+
+class UnitStream(torch.utils.data.IterableDataset):
+    """Each DataLoader worker fetches and decodes its own units (`units[worker::workers]`), one at a time."""
+
+    def __init__(self, units: list[Unit], size: int, batch_size: int, max_pixels: int, fetches: int) -> None:
+        self.units, self.size, self.batch_size, self.max_pixels, self.fetches = units, size, batch_size, max_pixels, fetches
+
+    def __iter__(self) -> Iterator[Batch]:
+        for unit in split_by_worker(self.units):
+            yield from unit_batches(unit, self.size, self.batch_size, self.max_pixels, self.fetches)
+
+
+# ---------------------------------------------------------------- model identity, summary records
+
+
+def model_identity(info: dict[str, Any]) -> dict[str, Any]:
+    """What makes two embeddings comparable: the exact ONNX graph (its sha256), plus name and dim."""
+    return {"name": info["name"], "sha256": info.get("onnx_sha256", ""), "dim": int(info["dim"]),
+            "image_size": int(info["image_size"])}
+
+
+def run_record_location(out: str, share: tuple[int, int]) -> str:
+    """Each share's own record of its last run: parallel pods never write the same file."""
+    return storage.join(out, "runs", f"part-of-{share[0]}-{share[1]}.json")
+
+
+def write_manifest(out: str, data: str, listing: Listing | None = None, plan: Plan | None = None) -> dict[str, Any]:
+    """manifest.json: a summary of the live parts (the record) and of the runs' own files."""
+    parts = find_parts(out)
+    model = check_one_model(parts, None, out)
+    failures = [f for part in parts.live.values() for f in part.meta.get("failures", [])]
+    runs = {}
+    fs, path = storage.filesystem(storage.join(out, "runs"))
+    if fs.exists(path):
+        for name in sorted(fs.glob(f"{path.rstrip('/')}/part-of-*.json")):
+            try:
+                runs[name.rsplit("/", 1)[-1].removesuffix(".json")] = json.loads(fs.cat_file(name))
+            except (OSError, ValueError):
+                continue
+    manifest = {
+        "format": "barlow-embed/manifest/2",
+        "model": model,
+        "normalized": next((p.meta.get("normalized") for p in parts.live.values()), True),
+        "data": data,
+        "count": sum(p.count for p in parts.live.values()),
+        "sources": sum(len(p.sources) for p in parts.live.values()),
+        "failed": len(failures),
+        "parts": [{"part": p.name, "unit": p.meta.get("unit"), "count": p.count, "sources": len(p.sources),
+                   "failed": len(p.meta.get("failures", []))} for p in parts.live.values()],
+        "failures": failures,
+        "superseded_awaiting_deletion": parts.dead,
+        "unreadable_files": parts.unreadable,
+        "runs": runs,
+        "updated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if listing is not None and plan is not None:
+        manifest["disappeared"] = plan.gone[:1000]
+        manifest["disappeared_count"] = len(plan.gone)
+        manifest["missing_from_list"] = listing.missing[:1000]
+        manifest["ignored_not_images"] = listing.ignored
+    storage.write_json(storage.join(out, "manifest.json"), manifest)
+    return manifest
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class _Stats:
+    """What one run did; images/s is the steady rate, after the first batch (session load, worker start)."""
+
+    images: int = 0
+    failed: int = 0
+    fetched: int = 0
+    written: list[str] = field(default_factory=list)
+    deleted: int = 0
+    unreadable: list[dict[str, str]] = field(default_factory=list)
+    providers: list[str] = field(default_factory=list)
+    workers: int = 0
+    seconds: float = 0.0
+    startup_s: float = 0.0
+    steady_images: int = 0
+    steady_seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        if self.steady_images and self.steady_seconds > 0:
+            return self.steady_images / self.steady_seconds
+        return self.images / self.seconds if self.images and self.seconds > 0 else 0.0
+
+
+def _expected_images(data: str, units: list[Unit]) -> int | None:
+    """Images to fetch (for the progress bar): counted for image objects, from index.json for shards."""
+    if not any(u.tar for u in units):
+        return sum(len(u.sources) for u in units)
+    try:
+        index = read_index(data)
+    except UserError:
+        return None
+    if not index or None in index.get("counts", [None]):
+        return None
+    counts = dict(zip(index["shards"], index["counts"]))
+    wanted = [counts.get(s.url) for u in units for s in u.sources]
+    return None if None in wanted else sum(wanted)
+
+
+def remove_parts(locations: Iterable[str]) -> int:
+    count = 0
+    for location in locations:
+        storage.remove(location)
+        count += 1
+    return count
+
+
+def embed(model_dir: str, data: str, out: str, *, batch_size: int = DEFAULT_BATCH,
+          workers: int | None = None, device: str = "auto", part_of: tuple[int, int] = (0, 1),
+          normalize: bool = True, threads: int = 0, files_per_part: int = FILES_PER_PART,
+          max_pixels: int = DEFAULT_MAX_PIXELS, prune: bool = False, fetches: int = DEFAULT_FETCHES) -> dict[str, Any]:
+    """Embed what is new or changed in `data` (this share of it) into EMB_DIR `out`; returns the manifest.
+
+    Raises UserError (after writing every part it could) when some shards could not be read.
+    """
+    from pipeline.runtime import load_model_info
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    if max_pixels < 1:
+        raise UserError(f"--max-pixels must be at least 1, not {max_pixels}")
+    if fetches < 1:
+        raise UserError(f"--fetches must be at least 1, not {fetches}")
+    out, data = str(out), str(data)
+    storage.check_writable(out)
+    if not storage.is_url(out) and storage.local_path(out).exists() and not storage.local_path(out).is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    model_dir = storage.local_copy(str(model_dir), ("model.json", "model.onnx"))
+    model = model_identity(load_model_info(model_dir))
+    listing = list_sources(data)
+    storage.make_dirs(out)
+    parts = find_parts(out)
+    check_one_model(parts, model, out)
+    remove_parts(storage.join(out, name) for name in parts.dead)  # superseded by a complete part: a killed run's leftovers
+    plan = make_plan(listing, parts, model["sha256"], part_of, prune, files_per_part)
+    if not storage.is_url(out):  # temp files of a killed run of this share; other shares' are not ours to touch
+        for unit in plan.units:
+            remove_stale_temps(storage.local_path(storage.join(out, unit.name)))
+    logger.info("share %d/%d: %d sources listed: %d new, %d changed, %d unchanged, %d disappeared%s; %d parts to "
+                "write", part_of[0], part_of[1], len(listing.sources), plan.new, plan.changed, plan.unchanged,
+                len(plan.gone), " (pruned)" if prune else "", len(plan.units))
+    stats = _Stats()
+    if plan.units:
+        stats = _embed_units(plan.units, model_dir, out, model, data, listing, batch_size=batch_size,
+                             workers=workers, device=device, threads=threads, normalize=normalize,
+                             max_pixels=max_pixels, fetches=fetches)
+    stats.deleted = remove_parts(plan.deletions)
+    run = {"part_of": f"{part_of[0]}/{part_of[1]}", "listed": len(listing.sources), "new": plan.new,
+           "changed": plan.changed, "unchanged": plan.unchanged, "disappeared": len(plan.gone), "pruned": prune,
+           "parts_written": len(stats.written), "parts_deleted": stats.deleted, "images": stats.images,
+           "failed": stats.failed, "unreadable_shards": stats.unreadable, "duration_s": round(stats.seconds, 3),
+           "startup_s": round(stats.startup_s, 3), "images_per_s": round(stats.images_per_s, 2),
+           "batch_size": batch_size, "workers": stats.workers, "providers": stats.providers,
+           "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    storage.write_json(run_record_location(out, part_of), run)
+    manifest = write_manifest(out, data, listing, plan)
+    manifest["this_run"] = run
+    logger.info("embedded %d images into %d parts (%d skipped as undecodable) in %.1f s, %.1f images/s",
+                stats.images, len(stats.written), stats.failed, stats.seconds, stats.images_per_s)
+    if stats.unreadable:
+        first = stats.unreadable[0]
+        raise UserError(f"{len(stats.unreadable)} of {len(plan.units)} shards could not be read (first: "
+                        f"{first['shard']}: {first['reason']}); their parts were not written; run the same command "
+                        "again to retry")
+    return manifest
+
+
+@dataclass
+class _OpenPart:
+    """Rows of one unit gathered so far (a unit's batches arrive in order from one worker)."""
+
+    keys: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    labels: list[int | None] = field(default_factory=list)
+    embeddings: list[np.ndarray] = field(default_factory=list)
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+
+def _embed_units(units: list[Unit], model_dir: Path, out: str, model: dict[str, Any], data: str, listing: Listing, *,
+                 batch_size: int, workers: int | None, device: str, threads: int, normalize: bool,
+                 max_pixels: int, fetches: int) -> _Stats:
+    """Fetch and decode in DataLoader workers, embed in this process, write each unit's part when it closes."""
+    from pipeline.runtime import OnnxModel, l2_normalize, usable_cpus
+
+    start = time.perf_counter()
+    stats = _Stats()
+    workers = min(usable_cpus(), MAX_WORKERS) if workers is None else workers
+    stats.workers = max(0, min(workers, len(units)))
+    stream = UnitStream(units, model["image_size"], batch_size, max_pixels, fetches)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=stats.workers,
+                                         prefetch_factor=4 if stats.workers else None)
+    # Workers fork here, before ONNX Runtime starts its threads (and CUDA), and decode while it loads.
+    batches = iter(loader)
+    encoder = OnnxModel(Path(model_dir), device, threads, batch_size)
+    stats.providers = encoder.providers
+    by_name = {u.name: u for u in units}
+    open_parts: dict[str, _OpenPart] = {}
+    steady_since = None
+    progress = tqdm(total=_expected_images(data, units), desc="embed", unit="img", dynamic_ncols=True)
+    progress.set_postfix(listed=len(listing.sources), fetched=0, embedded=0)
+    try:
+        for batch in batches:
+            part = open_parts.setdefault(batch.unit, _OpenPart())
+            if batch.keys:
+                vectors = encoder(batch.images.numpy())
+                part.embeddings.append(l2_normalize(vectors) if normalize else vectors)
+                part.keys += batch.keys
+                part.sources += batch.sources
+                part.labels += batch.labels
+            part.failures += batch.failures
+            stats.images += len(batch.keys)
+            stats.failed += len(batch.failures)
+            stats.fetched += batch.fetched
+            if steady_since is None:
+                steady_since = time.perf_counter()
+                stats.startup_s = steady_since - start
+            else:
+                stats.steady_images += len(batch.keys)
+            progress.update(len(batch.keys) + len(batch.failures))
+            progress.set_postfix(listed=len(listing.sources), fetched=stats.fetched, embedded=stats.images,
+                                 refresh=False)
+            if not batch.last:
+                continue
+            del open_parts[batch.unit]
+            unit = by_name[batch.unit]
+            if batch.error is not None:
+                stats.unreadable.append({"shard": unit.sources[0].url if unit.sources else unit.name,
+                                         "reason": batch.error})
+                continue
+            _finish_part(out, unit, part, model, normalize)
+            stats.written.append(unit.name)
+            remove_parts(storage.join(out, name) for name in unit.replaces)
+    finally:
+        progress.close()
+    stats.seconds = time.perf_counter() - start
+    stats.steady_seconds = time.perf_counter() - steady_since if steady_since is not None else 0.0
+    return stats
+
+
+def _finish_part(out: str, unit: Unit, part: _OpenPart, model: dict[str, Any], normalize: bool) -> None:
+    """Write the unit's part: its new rows plus the kept rows of the part it supersedes."""
+    dim = model["dim"]
+    embeddings = [np.concatenate(part.embeddings)] if part.embeddings else []
+    keys, sources, labels, failures = part.keys, part.sources, part.labels, part.failures
+    if unit.carry is not None:
+        old = read_meta(unit.carry) or {}
+        table, vectors = read_table(unit.carry)
+        keep = np.array([s not in unit.drop for s in table.column("source").to_pylist()], dtype=bool)
+        kept = table.filter(keep).to_pydict()
+        keys, sources, labels = kept["key"] + keys, kept["source"] + sources, kept["label"] + labels
+        embeddings.insert(0, vectors[keep])
+        failures = [f for f in old.get("failures", []) if f.get("source") not in unit.drop] + failures
+    vectors = np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float32)
+    failed_vanished = {f["source"] for f in part.failures if f.get("reason") == "vanished during the run"}
+    covers = {u: i for u, i in unit.covers if u not in failed_vanished}
+    meta = new_meta(model, normalize, unit.stem, covers, len(keys), failures, list(unit.replaces))
+    write_part(storage.join(out, unit.name), keys, sources, labels, vectors, meta)
+
+
+# ---------------------------------------------------------------- CLI
 
 
 def parse_part_of(value: str | None, env: dict[str, str] | None = None) -> tuple[int, int]:
@@ -158,377 +704,23 @@ def parse_part_of(value: str | None, env: dict[str, str] | None = None) -> tuple
     return i, n
 
 
-def share(shards: list[Shard], index: int, count: int) -> list[Shard]:
-    """This pod's disjoint, deterministic share; the n shares together are all shards."""
-    return split_by_node(shards, index, count)
-
-
-# ---------------------------------------------------------------- decoding (DataLoader workers)
-
-
-@dataclass
-class Batch:
-    """Decoded images of one shard; `last` closes the shard, `error` says why it could not be read."""
-
-    stem: str
-    keys: list[str]
-    sources: list[str]
-    labels: list[int | None]
-    images: torch.Tensor  # uint8 [B, 3, S, S]; a tensor so it crosses the worker queue in shared memory
-    failures: list[dict[str, str]] = field(default_factory=list)
-    last: bool = False
-    error: str | None = None
-
-
-def _source_of(sample: dict, url: str) -> str:
-    """The original image's source from `{key}.json` (written by barlow shards), else the shard URL."""
-    raw = sample.get("json")
-    if raw:
-        try:
-            source = json.loads(raw).get("source")
-            if isinstance(source, str) and source:
-                return source
-        except (ValueError, AttributeError):
-            pass
-    return url
-
-
-def _tar_items(shard: Shard, counter: CorruptCounter) -> Iterator[tuple[str, str, int | None, bytes | Exception]]:
-    for sample in iter_samples([shard.url], counter):
-        key = sample["__key__"]
-        try:
-            _, data = image_member(sample)
-            label = label_of(sample)
-        except CorruptSample as exc:
-            yield key, shard.url, None, exc
-            continue
-        yield key, _source_of(sample, shard.url), label, data
-
-
-def _file_items(shard: Shard) -> Iterator[tuple[str, str, int | None, bytes | Exception]]:
-    for key, path in shard.files or ():
-        try:
-            yield key, path, None, Path(path).read_bytes()
-        except OSError as exc:
-            yield key, path, None, CorruptSample(f"cannot read the file: {exc.strerror or exc}")
-
-
-def shard_batches(shard: Shard, size: int, batch_size: int, max_pixels: int) -> Iterator[Batch]:
-    """Decoded batches of one shard; the last one has `last=True` (and `error` if reading failed)."""
-    counter = CorruptCounter()
-    items = _file_items(shard) if shard.files is not None else _tar_items(shard, counter)
-    keys, sources, labels, arrays, failures = [], [], [], [], []
-
-    def batch(last: bool = False) -> Batch:
-        images = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty((0, 3, size, size), dtype=torch.uint8)
-        return Batch(shard.stem, list(keys), list(sources), list(labels), images, list(failures), last,
-                     counter.first_shard_error if last else None)
-
-    for key, source, label, data in items:
-        try:
-            if isinstance(data, Exception):
-                raise data
-            array = load_array(data, size, max_pixels)
-        except (BadImage, CorruptSample) as exc:
-            failures.append({"key": key, "source": source, "reason": str(exc)})
-            continue
-        keys.append(key)
-        sources.append(source)
-        labels.append(label)
-        arrays.append(array)
-        if len(arrays) == batch_size:
-            yield batch()
-            keys, sources, labels, arrays, failures = [], [], [], [], []
-    yield batch(last=True)
-
-
-class ShardStream(torch.utils.data.IterableDataset):
-    """Each DataLoader worker decodes its own shards (`shards[worker::workers]`), one at a time."""
-
-    def __init__(self, shards: list[Shard], size: int, batch_size: int, max_pixels: int) -> None:
-        self.shards, self.size, self.batch_size, self.max_pixels = shards, size, batch_size, max_pixels
-
-    def __iter__(self) -> Iterator[Batch]:
-        for shard in split_by_worker(self.shards):
-            yield from shard_batches(shard, self.size, self.batch_size, self.max_pixels)
-
-
-# ---------------------------------------------------------------- parts and the manifest
-
-
-def model_identity(info: dict[str, Any]) -> dict[str, Any]:
-    """What makes two embeddings comparable: the exact ONNX graph (its sha256), plus name and dim."""
-    return {"name": info["name"], "sha256": info.get("onnx_sha256", ""), "dim": int(info["dim"]),
-            "image_size": int(info["image_size"])}
-
-
-def part_schema(dim: int, meta: dict[str, Any] | None = None):
-    import pyarrow as pa
-
-    schema = pa.schema([("key", pa.string()), ("source", pa.string()), ("label", pa.int32()),
-                        ("embedding", pa.list_(pa.float32(), dim))])
-    return schema.with_metadata({META_KEY: json.dumps(meta).encode()}) if meta is not None else schema
-
-
-def write_part(path: Path, keys: list[str], sources: list[str], labels: list[int | None], embeddings: np.ndarray,
-               meta: dict[str, Any]) -> None:
-    """One part, written atomically."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    dim = int(meta["model"]["dim"])
-    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(len(keys), dim)
-    schema = part_schema(dim, meta)
-    flat = pa.array(embeddings.reshape(-1), type=pa.float32())
-    table = pa.Table.from_arrays(
-        [pa.array(keys, pa.string()), pa.array(sources, pa.string()), pa.array(labels, pa.int32()),
-         pa.FixedSizeListArray.from_arrays(flat, dim)], schema=schema)
-    with atomic_output(path) as temp, open(temp, "wb") as file:
-        pq.write_table(table, file)
-
-
-def read_part_meta(path: Path) -> dict[str, Any] | None:
-    """A part's footer metadata, or None when the file is not a readable part of this format."""
-    import pyarrow.parquet as pq
-
-    try:
-        metadata = pq.read_schema(path).metadata or {}
-        meta = json.loads(metadata[META_KEY])
-    except Exception:  # a torn or foreign file: treated as absent and redone
-        return None
-    return meta if isinstance(meta, dict) and meta.get("format") == EMBEDDINGS_FORMAT else None
-
-
-def existing_parts(out: Path) -> dict[str, dict[str, Any]]:
-    """part file name -> metadata for every readable part in EMB_DIR."""
-    found = {}
-    for path in sorted(out.glob("part-*.parquet")):
-        meta = read_part_meta(path)
-        if meta is None:
-            logger.warning("%s is not a readable part; it will be redone if it is in this run's share", path)
-            continue
-        found[path.name] = meta
-    return found
-
-
-def check_same_model(parts: dict[str, dict[str, Any]], model: dict[str, Any], out: Path) -> None:
-    for name, meta in parts.items():
-        theirs = meta.get("model", {})
-        if theirs.get("sha256") != model["sha256"]:
-            raise UserError(
-                f"{out} holds embeddings of another model ({name}: {theirs.get('name')}, sha256 "
-                f"{str(theirs.get('sha256'))[:12]}) than {model['name']} (sha256 {model['sha256'][:12]}); "
-                "embed into a new --out folder")
-
-
-def write_manifest(out: Path, model: dict[str, Any], data: str, run: dict[str, Any], normalized: bool) -> dict:
-    """manifest.json from every part on disk plus this run's numbers (merged with other pods' runs)."""
-    parts = existing_parts(out)
-    previous: dict[str, Any] = {}
-    try:
-        previous = json.loads((out / "manifest.json").read_text())
-    except (OSError, ValueError):
-        pass
-    runs = previous.get("runs", {}) if isinstance(previous.get("runs"), dict) else {}
-    if run["shards"] > run["skipped"] or run["part_of"] not in runs:  # a re-run with nothing to do keeps the numbers
-        runs[run["part_of"]] = run
-    failures = [f for meta in parts.values() for f in meta.get("failures", [])]
-    manifest = {
-        "format": EMBEDDINGS_FORMAT,
-        "model": model,
-        "normalized": normalized,
-        "data": data,
-        "count": sum(meta["count"] for meta in parts.values()),
-        "failed": len(failures),
-        "parts": [{"part": name, "shard": meta["shard"], "count": meta["count"], "failed": len(meta["failures"])}
-                  for name, meta in parts.items()],
-        "failures": failures,
-        "unreadable_shards": run["unreadable_shards"],
-        "runs": runs,
-        "updated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    write_json(out / "manifest.json", manifest)
-    return manifest
-
-
-# ---------------------------------------------------------------- the run
-
-
-@dataclass
-class _OpenPart:
-    """Rows of one shard gathered so far (a shard's batches arrive in order from one worker)."""
-
-    keys: list[str] = field(default_factory=list)
-    sources: list[str] = field(default_factory=list)
-    labels: list[int | None] = field(default_factory=list)
-    embeddings: list[np.ndarray] = field(default_factory=list)
-    failures: list[dict[str, str]] = field(default_factory=list)
-
-
-def _expected_counts(spec: str, shards: list[Shard]) -> int | None:
-    """Images in these shards according to the shards' index.json (for the progress bar), if known."""
-    if any(s.files is not None for s in shards):
-        return sum(len(s.files or ()) for s in shards)
-    try:
-        index = read_index(spec)
-    except UserError:
-        return None
-    if not index or None in index.get("counts", [None]):
-        return None
-    counts = dict(zip(index["shards"], index["counts"]))
-    wanted = [counts.get(s.url) for s in shards]
-    return None if None in wanted else sum(wanted)
-
-
-def embed(model_dir: str | Path, data: str, out: str | Path, *, batch_size: int = DEFAULT_BATCH,
-          workers: int | None = None, device: str = "auto", part_of: tuple[int, int] = (0, 1),
-          normalize: bool = True, threads: int = 0, files_per_part: int = FILES_PER_PART,
-          max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
-    """Embed this share of the shards of `data` into EMB_DIR `out`; returns the manifest.
-
-    Raises UserError (after writing every part it could) when some shards could not be read.
-    """
-    from pipeline.runtime import load_model_info
-
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
-    if max_pixels < 1:
-        raise UserError(f"--max-pixels must be at least 1, not {max_pixels}")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    model = model_identity(load_model_info(Path(model_dir)))
-    shards = resolve_shards(data, files_per_part)
-    stems = [s.stem for s in shards]
-    if len(set(stems)) != len(stems):
-        raise UserError("two inputs would write the same part; give each shard a distinct name")
-    mine = share(shards, *part_of)
-    out.mkdir(parents=True, exist_ok=True)
-    done = existing_parts(out)
-    check_same_model(done, model, out)
-    todo = [s for s in mine if s.part_name not in done]
-    for shard in todo:  # temp files of a killed run of this share; other shares' are not ours to touch
-        remove_stale_temps(out / shard.part_name)
-    logger.info("share %d/%d: %d of %d shards, %d already embedded, %d to do", part_of[0], part_of[1], len(mine),
-                len(shards), len(mine) - len(todo), len(todo))
-
-    stats = _embed_shards(todo, Path(model_dir), out, model, data, batch_size=batch_size, workers=workers,
-                          device=device, threads=threads, normalize=normalize, max_pixels=max_pixels) if todo else _Stats()
-    run = {"part_of": f"{part_of[0]}/{part_of[1]}", "shards": len(mine), "skipped": len(mine) - len(todo),
-           "written": len(stats.written), "images": stats.images, "failed": stats.failed,
-           "unreadable_shards": stats.unreadable, "duration_s": round(stats.seconds, 3),
-           "startup_s": round(stats.startup_s, 3), "images_per_s": round(stats.images_per_s, 2),
-           "batch_size": batch_size, "workers": stats.workers, "providers": stats.providers}
-    manifest = write_manifest(out, model, data, run, normalize)
-    logger.info("embedded %d images into %d parts (%d skipped as undecodable) in %.1f s, %.1f images/s",
-                stats.images, len(stats.written), stats.failed, stats.seconds, stats.images_per_s)
-    if stats.unreadable:
-        first = stats.unreadable[0]
-        raise UserError(f"{len(stats.unreadable)} of {len(todo)} shards could not be read (first: {first['shard']}: "
-                        f"{first['reason']}); their parts were not written; run the same command again to retry")
-    return manifest
-
-
-@dataclass
-class _Stats:
-    """What one run did; images/s is the steady rate, after the first batch (session load, worker start)."""
-
-    images: int = 0
-    failed: int = 0
-    written: list[str] = field(default_factory=list)
-    unreadable: list[dict[str, str]] = field(default_factory=list)
-    providers: list[str] = field(default_factory=list)
-    workers: int = 0
-    seconds: float = 0.0
-    startup_s: float = 0.0
-    steady_images: int = 0
-    steady_seconds: float = 0.0
-
-    @property
-    def images_per_s(self) -> float:
-        if self.steady_images and self.steady_seconds > 0:
-            return self.steady_images / self.steady_seconds
-        return self.images / self.seconds if self.images and self.seconds > 0 else 0.0
-
-
-def _embed_shards(todo: list[Shard], model_dir: Path, out: Path, model: dict[str, Any], data: str, *,
-                  batch_size: int, workers: int | None, device: str, threads: int, normalize: bool,
-                  max_pixels: int) -> _Stats:
-    """Decode in DataLoader workers, embed in this process, write each shard's part when it closes."""
-    from pipeline.runtime import OnnxModel, l2_normalize, usable_cpus
-
-    start = time.perf_counter()
-    stats = _Stats()
-    workers = min(usable_cpus(), MAX_WORKERS) if workers is None else workers
-    stats.workers = max(0, min(workers, len(todo)))
-    stream = ShardStream(todo, model["image_size"], batch_size, max_pixels)
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=stats.workers,
-                                         prefetch_factor=4 if stats.workers else None)
-    # Workers fork here, before ONNX Runtime starts its threads (and CUDA), and decode while it loads.
-    batches = iter(loader)
-    encoder = OnnxModel(model_dir, device, threads, batch_size)
-    stats.providers = encoder.providers
-    by_stem = {s.stem: s for s in todo}
-    open_parts: dict[str, _OpenPart] = {}
-    steady_since = None
-    progress = tqdm(total=_expected_counts(data, todo), desc="embed", unit="img", dynamic_ncols=True)
-    try:
-        for batch in batches:
-            part = open_parts.setdefault(batch.stem, _OpenPart())
-            if batch.keys:
-                vectors = encoder(batch.images.numpy())
-                part.embeddings.append(l2_normalize(vectors) if normalize else vectors)
-                part.keys += batch.keys
-                part.sources += batch.sources
-                part.labels += batch.labels
-            part.failures += batch.failures
-            stats.images += len(batch.keys)
-            stats.failed += len(batch.failures)
-            if steady_since is None:
-                steady_since = time.perf_counter()
-                stats.startup_s = steady_since - start
-            else:
-                stats.steady_images += len(batch.keys)
-            progress.update(len(batch.keys) + len(batch.failures))
-            if not batch.last:
-                continue
-            del open_parts[batch.stem]
-            shard = by_stem[batch.stem]
-            if batch.error is not None:
-                stats.unreadable.append({"shard": shard.url, "reason": batch.error})
-                continue
-            _finish_part(out, shard, part, model, normalize)
-            stats.written.append(shard.part_name)
-    finally:
-        progress.close()
-    stats.seconds = time.perf_counter() - start
-    stats.steady_seconds = time.perf_counter() - steady_since if steady_since is not None else 0.0
-    return stats
-
-
-def _finish_part(out: Path, shard: Shard, part: _OpenPart, model: dict[str, Any], normalize: bool) -> None:
-    dim = model["dim"]
-    embeddings = np.concatenate(part.embeddings) if part.embeddings else np.zeros((0, dim), np.float32)
-    meta = {"format": EMBEDDINGS_FORMAT, "model": model, "normalized": normalize, "shard": shard.url,
-            "count": len(part.keys), "failures": part.failures}
-    write_part(out / shard.part_name, part.keys, part.sources, part.labels, embeddings, meta)
-
-
-# ---------------------------------------------------------------- CLI
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", type=Path, help="MODEL_DIR written by barlow export")
-    parser.add_argument("--data", required=True, metavar="URLS",
-                        help="shards as in training (path, folder of .tar, brace pattern, pipe:CMD, http(s); '::' "
-                             "joins several), a plain image folder, or a .txt file with one image path a line")
-    parser.add_argument("--out", required=True, type=Path, metavar="EMB_DIR",
-                        help="folder for the parts and manifest.json")
+    parser.add_argument("model_dir", help="MODEL_DIR written by barlow export (a folder or a bucket URL)")
+    parser.add_argument("--data", required=True, metavar="SRC",
+                        help="WebDataset shards (path, folder, bucket prefix, brace pattern, http(s), pipe:CMD; '::' "
+                             "joins several), a folder or bucket prefix of images (recursive), or a .txt/.csv/.parquet "
+                             "list of image URLs or paths")
+    parser.add_argument("--out", required=True, metavar="EMB_DIR",
+                        help="folder or bucket prefix for the parts and manifest.json")
+    parser.add_argument("--prune", action="store_true",
+                        help="remove the embeddings of sources that are no longer in --data (else only reported)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
                         help="images per inference (default %(default)s)")
     parser.add_argument("--workers", type=int, default=None,
                         help=f"decoding processes (default: usable CPUs, at most {MAX_WORKERS}; 0: decode in the "
                              "main process)")
+    parser.add_argument("--fetches", type=int, default=DEFAULT_FETCHES,
+                        help="objects each decoding process fetches at once (default %(default)s)")
     parser.add_argument("--device", default="auto", choices=RUNTIME_DEVICES,
                         help="ONNX Runtime device (default %(default)s: CUDA when a GPU is visible)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
@@ -539,12 +731,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="store raw backbone features instead of L2-normalised ones")
 
 
+def summary(out: str, manifest: dict[str, Any]) -> str:
+    """The run in two lines: what the comparison found, what was done, and what EMB_DIR now holds."""
+    run = manifest["this_run"]
+    gone = run["disappeared"]
+    gone_text = (f"{gone} disappeared (" + ("removed" if run["pruned"] else "kept; --prune removes them") + ")"
+                 if gone else "0 disappeared")
+    return (f"{out}: {run['listed']} sources listed: {run['new']} new, {run['changed']} changed, {run['unchanged']} "
+            f"unchanged, {gone_text}\n"
+            f"{run['images']} images embedded at {run['images_per_s']:.1f} images/s into {run['parts_written']} parts, "
+            f"{run['failed']} skipped (listed in manifest.json); EMB_DIR holds {manifest['count']} embeddings in "
+            f"{len(manifest['parts'])} parts")
+
+
 def run(args: argparse.Namespace) -> int:
     part_of = parse_part_of(args.part_of)
     manifest = embed(args.model_dir, args.data, args.out, batch_size=args.batch_size, workers=args.workers,
-                     device=args.device, part_of=part_of, normalize=args.normalize, max_pixels=args.max_pixels)
-    this = manifest["runs"][f"{part_of[0]}/{part_of[1]}"]
-    print(f"{args.out}: {this['written']} parts written, {this['skipped']} already done; {this['images']} images "
-          f"embedded at {this['images_per_s']:.1f} images/s, {this['failed']} undecodable (listed in manifest.json); "
-          f"{manifest['count']} embeddings in {len(manifest['parts'])} parts in total")
+                     device=args.device, part_of=part_of, normalize=args.normalize, max_pixels=args.max_pixels,
+                     prune=args.prune, fetches=args.fetches)
+    print(summary(args.out, manifest))
     return 0

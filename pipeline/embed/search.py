@@ -5,6 +5,10 @@ embedded exactly as `barlow embed` embedded the collection (shared preprocessing
 graph, L2-normalised), and only with the model the index was built from: a different model's
 vectors live in another space, so its sha256 must match. Output: one JSON line per neighbour with
 query, rank, key, source, label and score (cosine similarity, 1 = identical direction).
+
+INDEX_DIR may be a bucket URL: index.json is read first, then the generation it names is downloaded
+(storage.local_copy's cache) and loaded into memory, so the files agree even while `barlow index`
+updates it (pipeline/embed/index.py describes the layout).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.data.preprocess import DEFAULT_MAX_PIXELS
 from pipeline.devices import RUNTIME_DEVICES
 from pipeline.errors import UserError
@@ -25,39 +30,21 @@ from pipeline.runtime import l2_normalize
 logger = logging.getLogger(__name__)
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # else one INFO line per CPU feature it probes
 
-INDEX_FORMAT = "barlow-embed/index/1"
+INDEX_FORMAT = "barlow-embed/index/2"
+INDEX_JSON = "index.json"  # names the current generation; written last, whole
+INDEX_FILE, KEYS_FILE = "index.faiss", "keys.parquet"  # inside the generation folder
 DEFAULT_K = 10
 MAX_K = 1000
 
 
 class SearchIndex:
-    """INDEX_DIR loaded: the faiss index, its rows' keys/sources/labels and index.json."""
+    """INDEX_DIR (a folder or bucket URL) loaded: the faiss index, its rows' keys/sources/labels and index.json."""
 
     def __init__(self, index_dir: str | Path):
-        import faiss
-        import pyarrow.parquet as pq
-
-        self.dir = Path(index_dir)
-        paths = {name: self.dir / name for name in ("index.json", "index.faiss", "keys.parquet")}
-        missing = [name for name, path in paths.items() if not path.is_file()]
-        if missing:
-            raise UserError(f"{self.dir} is not an INDEX_DIR (missing {', '.join(missing)}); "
-                            "build it with barlow index")
-        try:
-            self.info = json.loads(paths["index.json"].read_text())
-        except (OSError, ValueError) as exc:
-            raise UserError(f"cannot read {paths['index.json']}: {exc}") from None
-        if self.info.get("format") != INDEX_FORMAT:
-            raise UserError(f"{paths['index.json']} is not a {INDEX_FORMAT} index")
-        try:
-            self.index = faiss.read_index(str(paths["index.faiss"]))
-            self.rows = pq.read_table(paths["keys.parquet"], columns=["key", "source", "label"])
-        except Exception as exc:  # faiss raises RuntimeError, pyarrow ArrowInvalid on torn files
-            reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-            raise UserError(f"{self.dir} is unreadable ({reason}); rebuild it with barlow index") from None
-        if not (self.index.ntotal == self.rows.num_rows == self.info.get("count")):
-            raise UserError(f"{self.dir} is incomplete (index {self.index.ntotal} rows, keys {self.rows.num_rows}, "
-                            f"index.json {self.info.get('count')}); rebuild it with barlow index")
+        self.dir = index_dir
+        self.info = read_info(index_dir)
+        self.index, self.rows = load_generation(fetch_generation(index_dir, self.info), self.info, index_dir,
+                                                columns=["key", "source", "label"])
         apply_search_params(self.index, self.info)
         self.model = self.info["model"]
         self.dim = int(self.info["dim"])
@@ -109,6 +96,67 @@ class SearchIndex:
         if self.info.get("kind") != "flat":
             faiss.extract_index_ivf(self.index).make_direct_map()  # IVF stores no row -> list map by default
         return self.index.reconstruct(row)
+
+
+def read_info(index_dir: str | Path) -> dict[str, Any]:
+    """INDEX_DIR's index.json, checked to be this format."""
+    location = storage.join(index_dir, INDEX_JSON)
+    if not storage.exists(location):
+        raise UserError(f"{index_dir} is not an INDEX_DIR (missing {INDEX_JSON}); build it with barlow index")
+    try:
+        info = json.loads(storage.read_text(location))
+    except ValueError as exc:
+        raise UserError(f"cannot read {location}: {exc}") from None
+    if not isinstance(info, dict) or info.get("format") != INDEX_FORMAT:
+        raise UserError(f"{location} is not a {INDEX_FORMAT} index; rebuild it with barlow index")
+    return info
+
+
+def generation_files(info: dict[str, Any]) -> tuple[str, str]:
+    """The index and keys files of the generation index.json names, relative to INDEX_DIR."""
+    return f"{info['generation']}/{INDEX_FILE}", f"{info['generation']}/{KEYS_FILE}"
+
+
+def fetch_generation(index_dir: str | Path, info: dict[str, Any]) -> Path:
+    """A local folder holding the generation `info` names: INDEX_DIR itself, or its download into the cache
+    (storage.local_copy); a generation never changes once written, so a cached copy stays valid."""
+    return storage.local_copy(index_dir, generation_files(info))
+
+
+def local_index(index_dir: str | Path) -> Path:
+    """INDEX_DIR as a complete local folder: itself, or index.json and the generation it names downloaded.
+
+    index.json is read once and written beside the files it names (after them), so the copy agrees with
+    itself even when an update flips INDEX_DIR meanwhile; for the server, which opens a local folder.
+    """
+    if not storage.is_url(index_dir):
+        return storage.local_path(index_dir)
+    info = read_info(index_dir)
+    folder = fetch_generation(index_dir, info)
+    storage.write_json(folder / INDEX_JSON, info)
+    return folder
+
+
+def load_generation(folder: Path, info: dict[str, Any], name: str | Path, columns: list[str] | None = None):
+    """(faiss index, keys table) of the generation `info` names in local `folder`, checked to agree with it."""
+    import faiss
+    import pyarrow.parquet as pq
+
+    paths = [folder / relative for relative in generation_files(info)]
+    missing = [path.name for path in paths if not path.is_file()]
+    if missing:
+        raise UserError(f"{name} is incomplete (missing {', '.join(missing)} of {info['generation']}); "
+                        "rebuild it with barlow index")
+    try:
+        index = faiss.read_index(str(paths[0]))
+        rows = pq.read_table(paths[1], columns=columns)
+    except Exception as exc:  # faiss raises RuntimeError, pyarrow ArrowInvalid on damaged files
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise UserError(f"{name} is unreadable ({reason}); rebuild it with barlow index") from None
+    if not (index.ntotal == rows.num_rows == info.get("count")):
+        raise UserError(f"{name} is inconsistent (index {index.ntotal} rows, keys {rows.num_rows}, "
+                        f"{INDEX_JSON} {info.get('count')}); rebuild it with barlow index")
+    return index, rows
 
 
 def apply_search_params(index, info: dict[str, Any]) -> None:
@@ -169,7 +217,7 @@ def search_key(index_dir: str | Path, key: str, k: int = DEFAULT_K) -> list[dict
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("index_dir", type=Path, help="INDEX_DIR written by barlow index")
+    parser.add_argument("index_dir", help="INDEX_DIR written by barlow index (a folder or bucket URL)")
     parser.add_argument("images", nargs="*", type=Path, metavar="IMAGE", help="query images")
     # nargs="+": argparse (3.11) cannot take positionals after an option once INDEX_DIR matched, so the
     # documented form `INDEX_DIR --model MODEL_DIR IMAGE...` collects the images here.

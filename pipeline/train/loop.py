@@ -46,7 +46,8 @@ def add_arguments(parser) -> None:
     recipe = parser.add_mutually_exclusive_group()
     recipe.add_argument("--preset", choices=sorted(PRESETS), help="a built-in recipe")
     recipe.add_argument("--config", help="a YAML file of config sections (see config.yaml of a run)")
-    parser.add_argument("--data", help="shard URLs: path, directory, brace pattern, pipe:CMD or http(s)")
+    parser.add_argument("--data", help="shards: path, folder, brace pattern, bucket URL or prefix (s3://, gs://, az://), "
+                        "pipe:CMD or http(s); '::' joins several")
     parser.add_argument("--out", default="runs/train", help="RUN_DIR; an existing one is resumed")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="total optimizer steps (overrides epochs)")
@@ -114,7 +115,8 @@ def make_plan(config: Config, world: int) -> Plan:
     if samples <= 0:
         index = stream.read_index(config.data.urls)
         if not index:
-            raise UserError("cannot tell the epoch size of remote shards: set data.samples_per_epoch=N")
+            raise UserError("cannot tell the epoch size: the shards have no index.json beside them (pipe: and http(s) "
+                            "shards never do); set data.samples_per_epoch=N")
         samples = int(index["count"])
     steps_per_epoch = max(1, samples // batch)
     total = config.train.steps if config.train.steps > 0 else config.train.epochs * steps_per_epoch
