@@ -6,6 +6,14 @@ images/s (ONNX Runtime on ready uint8 batches) at the same batch and provider, a
 (target >= 0.9: the model is never starved). Both are steady-state rates, after session load and the
 first batch. Writes bench/results/embed-<device>-<date>.json.
 
+In the same run, the same images from a bucket: a moto S3 server on 127.0.0.1 (the tests' endpoint,
+tests/helpers_s3.py) gets them as (i) one object per image and (ii) the same tar shards, and `barlow
+embed` reads each from s3:// into an s3:// EMB_DIR: `s3_objects_images_per_s`, `s3_shards_images_per_s`,
+`s3_over_local` (target >= 0.8 for shards on a CPU) and `s3_requests_per_image`, counted from the
+server's request log (one line per HTTP request, listing and part uploads included). A loopback
+endpoint has no network latency: this measures the client side (s3fs, request count, in-flight
+fetches), not a real bucket's bandwidth. --skip-s3 leaves it out.
+
 Search: faiss build time, single-query latency (p50/p99) and ivf-pq recall@10 against flat, for N
 synthetic vectors at D = 512 and 2048. The vectors have a low intrinsic dimension, like real
 embeddings; on pure noise no index beats a scan. Writes
@@ -14,6 +22,7 @@ bench/results/search-<date>.json. Skipped, with a note, when faiss is not instal
     python bench/embed_throughput.py                                       # CPU: ResNet-50, 224 px
     python bench/embed_throughput.py --provider cuda --images 20000        # GPU
     python bench/embed_throughput.py --arch resnet18 --image-size 32 --skip-search
+    python bench/embed_throughput.py --skip-s3 --skip-search                # local disk only
     python bench/embed_throughput.py --skip-embed --search-n 100000 1000000
 """
 
@@ -25,23 +34,31 @@ import io
 import json
 import logging
 import os
+import re
+import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from common import RESULTS, commit, device_label, write_record, random_model  # noqa: E402  (also puts the repo on sys.path)
-
 from pipeline.export import versions  # noqa: E402
 from pipeline.runtime import usable_cpus  # noqa: E402
+
+from common import (RESULTS, commit, device_label, random_model,  # noqa: E402  (also puts the repo on sys.path)
+                    write_record)
 
 PACKAGES = ("onnxruntime-gpu", "onnxruntime", "faiss-cpu", "torch", "pyarrow", "webdataset")  # in the record
 
 MAX_PER_SHARD = 1000  # real buckets have many shards; small runs get at least two per decode worker
 DISTINCT_JPEGS = 256  # distinct photos, repeated under new keys: decoding costs the same, generating less
+S3_TARGET = 0.8  # s3 shards / local shards images/s, on a CPU
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+REQUEST_LINE = re.compile(r'"([A-Z]+) (\S+) HTTP/[0-9.]+" (\d{3}) ')  # werkzeug's access log, one per request
 
 
 
@@ -73,10 +90,9 @@ def per_shard(count: int) -> int:
     return max(50, min(MAX_PER_SHARD, count // (2 * usable_cpus())))
 
 
-def write_jpeg_shards(out: Path, count: int, width: int, height: int) -> Path:
+def write_jpeg_shards(out: Path, count: int, blobs: list[bytes]) -> Path:
     import webdataset as wds
 
-    blobs = photo_jpegs(min(count, DISTINCT_JPEGS), width, height)
     out.mkdir(parents=True, exist_ok=True)
     with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=per_shard(count), verbose=0) as writer:
         for i in range(count):
@@ -99,18 +115,25 @@ def raw_images_per_s(model_dir: Path, provider: str, batch: int, seconds: float)
     return done / (time.perf_counter() - start), encoder.providers
 
 
+def run_summary(run: dict) -> dict:
+    return {"duration_s": run["duration_s"], "startup_s": run["startup_s"], "images": run["images"],
+            "written": run["parts_written"], "workers": run["workers"], "images_per_s": run["images_per_s"]}
+
+
 def bench_embed(args: argparse.Namespace, work: Path) -> dict:
     from pipeline.embed.embed import embed
 
     model_dir = args.model_dir or random_model(work, args.arch, args.image_size)
     info = json.loads((Path(model_dir) / "model.json").read_text())
-    shards = write_jpeg_shards(work / "shards", args.images, *args.photo_size)
+    blobs = photo_jpegs(min(args.images, DISTINCT_JPEGS), *args.photo_size)
+    shards = write_jpeg_shards(work / "shards", args.images, blobs)
     raw, providers = raw_images_per_s(Path(model_dir), args.provider, args.batch_size, args.raw_seconds)
+    shutil.rmtree(work / "emb", ignore_errors=True)  # a kept --work-dir: embed is incremental, time a full run
     manifest = embed(model_dir, str(shards), work / "emb", batch_size=args.batch_size, workers=args.workers,
                      device=args.provider)
-    run = manifest["runs"]["0/1"]
+    run = manifest["this_run"]
     assert manifest["count"] == args.images, manifest["count"]
-    return {
+    record = {
         "device": device_name(providers), "commit": commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "embed_images_per_s": run["images_per_s"], "raw_images_per_s": round(raw, 2),
@@ -119,9 +142,145 @@ def bench_embed(args: argparse.Namespace, work: Path) -> dict:
                    "batch_size": args.batch_size, "workers": run["workers"], "providers": providers,
                    "images": args.images, "jpeg_size": list(args.photo_size), "per_shard": per_shard(args.images),
                    "cpus": usable_cpus()},
-        "embed_run": {k: run[k] for k in ("duration_s", "startup_s", "images", "written")},
+        "embed_run": run_summary(run),
         "load_average": os.getloadavg()[0],  # other work on the machine skews CPU numbers
         "versions": versions(PACKAGES),
+    }
+    if not args.skip_s3:
+        record.update(bench_s3(args, work, model_dir, shards, blobs, run["images_per_s"]))
+        record["load_average_after_s3"] = os.getloadavg()[0]
+    return record
+
+
+# ---------------------------------------------------------------- the same images from a bucket
+
+
+def s3_server_class():
+    """tests/helpers_s3.py's S3Server (moto's server mode as a child process), imported by path."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tests" / "helpers_s3.py"
+    spec = importlib.util.spec_from_file_location("helpers_s3", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.S3Server
+
+
+@contextmanager
+def environment(values: dict[str, str]):
+    """os.environ with `values` set (DataLoader workers fork and inherit it), restored afterwards."""
+    from pipeline import storage
+
+    saved = {name: os.environ.get(name) for name in [*values, storage.OPTIONS_ENV]}
+    os.environ.update(values)
+    os.environ.pop(storage.OPTIONS_ENV, None)
+    storage._filesystems.clear()  # s3fs clients made under other variables
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        storage._filesystems.clear()
+
+
+def count_requests(log: Path, offset: int) -> dict:
+    """HTTP requests the server logged after byte `offset`: total, by method, and non-2xx answers."""
+    with open(log, "rb") as file:
+        file.seek(offset)
+        text = ANSI.sub("", file.read().decode(errors="replace"))  # werkzeug colours the non-2xx lines
+    by_method: dict[str, int] = {}
+    errors = 0
+    for method, _, status in REQUEST_LINE.findall(text):
+        by_method[method] = by_method.get(method, 0) + 1
+        errors += not status.startswith("2")
+    return {"total": sum(by_method.values()), "by_method": dict(sorted(by_method.items())), "not_2xx": errors}
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (Linux /proc), None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def upload_all(client, bucket: str, objects: list[tuple[str, bytes | Path]], threads: int = 16) -> None:
+    def one(item):
+        key, body = item
+        if isinstance(body, Path):
+            client.upload_file(str(body), bucket, key)
+        else:
+            client.put_object(Bucket=bucket, Key=key, Body=body)
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, objects))
+
+
+def bench_s3(args: argparse.Namespace, work: Path, model_dir: Path, shards: Path, blobs: list[bytes],
+             local_rate: float) -> dict:
+    """`barlow embed` of the same images from a local S3 endpoint, as objects and as shards."""
+    try:
+        import boto3  # noqa: F401
+        import moto  # noqa: F401
+    except ImportError:
+        logging.warning("moto or boto3 is not installed: the S3 benchmark is skipped (pip install 'moto[server]')")
+        return {"s3": {"skipped": "moto or boto3 is not installed"}}
+    from pipeline.embed.embed import DEFAULT_FETCHES, embed
+
+    fetches = args.fetches or DEFAULT_FETCHES
+    log = work / "moto.log"
+    server = s3_server_class().start(log)
+    results: dict[str, dict] = {}
+    try:
+        with environment(server.env()):
+            client = server.client()
+            client.create_bucket(Bucket="bench-data")
+            client.create_bucket(Bucket="bench-emb")
+            start = time.perf_counter()
+            upload_all(client, "bench-data", [(f"objects/{i:09d}.jpg", blobs[i % len(blobs)])
+                                              for i in range(args.images)])
+            upload_all(client, "bench-data", [(f"shards/{p.name}", p) for p in sorted(shards.glob("*.tar"))])
+            logging.info("uploaded %d objects and %d shards to moto in %.1f s", args.images,
+                         len(list(shards.glob("*.tar"))), time.perf_counter() - start)
+            for kind in ("objects", "shards"):
+                offset, server_cpu = log.stat().st_size, cpu_seconds(server.process.pid)
+                try:
+                    manifest = embed(model_dir, f"s3://bench-data/{kind}", f"s3://bench-emb/{kind}",
+                                     batch_size=args.batch_size, workers=args.workers, device=args.provider,
+                                     fetches=fetches)
+                except Exception as exc:  # recorded: the local figures above still stand
+                    logging.exception("s3 %s run failed", kind)
+                    results[kind] = {"error": f"{type(exc).__name__}: {exc}"}
+                    continue
+                time.sleep(0.5)  # the server's last log lines
+                run = manifest["this_run"]
+                requests = count_requests(log, offset)
+                used = cpu_seconds(server.process.pid)
+                results[kind] = {**run_summary(run), "count": manifest["count"], "requests": requests,
+                                 "requests_per_image": round(requests["total"] / max(1, run["images"]), 4),
+                                 # the endpoint shares this machine's CPUs; a real bucket's work is elsewhere
+                                 "server_cpu_s": round(used - server_cpu, 2) if used is not None and server_cpu
+                                 is not None else None}
+    finally:
+        server.stop()
+
+    def figure(kind: str, name: str):
+        return results[kind].get(name) if kind in results else None
+
+    rates = {kind: figure(kind, "images_per_s") for kind in ("objects", "shards")}
+    return {
+        "s3_objects_images_per_s": rates["objects"], "s3_shards_images_per_s": rates["shards"],
+        "s3_over_local": {kind: round(rate / local_rate, 3) if rate and local_rate else None
+                          for kind, rate in rates.items()},
+        "s3_over_local_target": {"shards": S3_TARGET},
+        "s3_requests_per_image": {kind: figure(kind, "requests_per_image") for kind in ("objects", "shards")},
+        "s3": {"endpoint": "moto server on 127.0.0.1 (no network latency)", "fetches": fetches,
+               "objects": results.get("objects"), "shards": results.get("shards")},
     }
 
 
@@ -217,7 +376,10 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=None, help="decode workers (default: barlow embed's)")
     parser.add_argument("--provider", default="auto", choices=("auto", "cpu", "cuda", "tensorrt"))
     parser.add_argument("--raw-seconds", type=float, default=20.0, help="how long to time the raw model")
+    parser.add_argument("--fetches", type=int, default=None,
+                        help="objects in flight per decode worker for the S3 runs (default: barlow embed's)")
     parser.add_argument("--skip-embed", action="store_true")
+    parser.add_argument("--skip-s3", action="store_true", help="leave out the S3 (moto) runs of the embed benchmark")
     parser.add_argument("--skip-search", action="store_true")
     parser.add_argument("--search-n", type=int, nargs="+", default=[100_000])
     parser.add_argument("--search-dims", type=int, nargs="+", default=[512, 2048])
@@ -229,20 +391,27 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     date = datetime.date.today().isoformat()
+    status = 0
 
     if not args.skip_embed:
         with tempfile.TemporaryDirectory(prefix="bench-embed-") as tmp:
             work = args.work_dir or Path(tmp)
             record = bench_embed(args, work)
         path = save(record, f"embed-{record['device']}-{date}.json")
-        print(json.dumps({k: record[k] for k in ("device", "embed_images_per_s", "raw_images_per_s", "ratio")}))
+        print(json.dumps({k: record[k] for k in ("device", "embed_images_per_s", "raw_images_per_s", "ratio",
+                                                 "s3_objects_images_per_s", "s3_shards_images_per_s", "s3_over_local",
+                                                 "s3_requests_per_image") if k in record}))
         print(f"wrote {path}")
+        failed = [kind for kind in ("objects", "shards") if (record.get("s3", {}).get(kind) or {}).get("error")]
+        if failed:
+            print(f"the S3 run of {' and '.join(failed)} failed: see {path}", file=sys.stderr)
+            status = 1
     if not args.skip_search:
         try:
             import faiss  # noqa: F401
         except ImportError:
             print("faiss is not installed here: search benchmark skipped (pip install faiss-cpu)")
-            return 0
+            return status
         record = {"device": f"cpu-{usable_cpus()}core", "commit": commit(),
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "data": "synthetic unit vectors: rank-64 power-law spectrum + 0.02 noise, cosine",
@@ -252,7 +421,7 @@ def main() -> int:
         path = save(record, f"search-{date}.json")
         print(json.dumps(record["results"]))
         print(f"wrote {path}")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -30,12 +30,13 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -50,7 +51,7 @@ from pipeline.data.stream import (IMAGE_EXTENSIONS, CorruptCounter, CorruptSampl
                                   iter_samples, label_of, read_index, split_by_worker)
 from pipeline.devices import RUNTIME_DEVICES
 from pipeline.embed.parts import (Parts, check_one_model, find_parts, new_meta, part_name, read_meta, read_table,
-                                  write_part)
+                                  stored_keys, write_part)
 from pipeline.errors import UserError
 from pipeline.files import remove_stale_temps
 
@@ -76,6 +77,7 @@ class Source:
     url: str
     identity: str | None
     key: str | None = None  # None for a tar shard: its samples carry their keys
+    relative: str | None = None  # an image object's path below SRC, which its key is made from
 
 
 @dataclass
@@ -103,7 +105,20 @@ def _is_candidate(url: str) -> bool:
 def _keyed(pairs: list[tuple[str, str, str | None]]) -> list[Source]:
     """(url, relative path, identity) -> Sources with unique row keys, in the given (sorted) order."""
     used: set[str] = set()
-    return [Source(url, identity, unique_key(PurePosixPath(relative), used)) for url, relative, identity in pairs]
+    return [Source(url, identity, unique_key(PurePosixPath(relative), used), relative)
+            for url, relative, identity in pairs]
+
+
+def keep_stored_keys(listing: Listing, stored: dict[str, str]) -> Listing:
+    """A source EMB_DIR already holds keeps its key; a new one gets a key no stored source has, so an
+    added `cat.jpeg` never takes the key of the stored `cat.jpg`."""
+    if listing.tar or not stored:
+        return listing
+    used = set(stored.values())
+    sources = [replace(s, key=stored[s.url]) if s.url in stored else s for s in listing.sources]
+    sources = [s if s.url in stored else replace(s, key=unique_key(PurePosixPath(s.relative or s.url), used))
+               for s in sources]
+    return replace(listing, sources=sources)
 
 
 def _list_folder(spec: str) -> Listing:
@@ -370,23 +385,43 @@ def bounded_map(function: Callable, items: Iterable, in_flight: int) -> Iterator
             yield pending.popleft().result()
 
 
-def unit_batches(unit: Unit, size: int, batch_size: int, max_pixels: int, fetches: int) -> Iterator[Batch]:
-    """Fetched and decoded batches of one unit; the last one has `last=True` (and `error` if a shard failed)."""
+@dataclass(frozen=True)
+class Piece:
+    """A slice of a unit's sources for one decoding worker: a part of 10,000 images is fetched by all
+    workers at once, and the main process writes it when its last piece closes."""
+
+    unit: Unit
+    sources: tuple[Source, ...]
+
+
+def pieces_of(units: list[Unit], size: int) -> list[Piece]:
+    """Image units cut into pieces of `size` sources; a tar shard (read as one stream) is one piece."""
+    pieces = []
+    for unit in units:
+        if unit.tar or not unit.sources:
+            pieces.append(Piece(unit, unit.sources))
+        else:
+            pieces += [Piece(unit, unit.sources[i:i + size]) for i in range(0, len(unit.sources), size)]
+    return pieces
+
+
+def piece_batches(piece: Piece, size: int, batch_size: int, max_pixels: int, fetches: int) -> Iterator[Batch]:
+    """Fetched and decoded batches of one piece; the last one has `last=True` (and `error` if a shard failed)."""
     counter = CorruptCounter()
-    if unit.tar:
-        items: Iterator[Item] = (item for s in unit.sources for item in _tar_items(s.url, counter))
+    if piece.unit.tar:
+        items: Iterator[Item] = (item for s in piece.sources for item in _tar_items(s.url, counter))
         decoded = ((k, src, lab, _decode(data, size, max_pixels)) for k, src, lab, data in items)
     else:
         def fetch_decode(source: Source):
             return source.key, source.url, None, _decode(fetch(source.url), size, max_pixels)
 
-        decoded = bounded_map(fetch_decode, unit.sources, fetches)  # decoding in threads too: PIL drops the GIL
+        decoded = bounded_map(fetch_decode, piece.sources, fetches)  # decoding in threads too: PIL drops the GIL
     keys, sources, labels, arrays, failures = [], [], [], [], []
     fetched = 0
 
     def batch(last: bool = False) -> Batch:
         images = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty((0, 3, size, size), dtype=torch.uint8)
-        return Batch(unit.name, list(keys), list(sources), list(labels), images, list(failures), fetched, last,
+        return Batch(piece.unit.name, list(keys), list(sources), list(labels), images, list(failures), fetched, last,
                      counter.first_shard_error if last else None)
 
     for key, source, label, result in decoded:
@@ -413,15 +448,15 @@ def _decode(data: bytes | Exception, size: int, max_pixels: int) -> np.ndarray |
         return exc
 
 
-class UnitStream(torch.utils.data.IterableDataset):
-    """Each DataLoader worker fetches and decodes its own units (`units[worker::workers]`), one at a time."""
+class PieceStream(torch.utils.data.IterableDataset):
+    """Each DataLoader worker fetches and decodes its own pieces (`pieces[worker::workers]`), one at a time."""
 
-    def __init__(self, units: list[Unit], size: int, batch_size: int, max_pixels: int, fetches: int) -> None:
-        self.units, self.size, self.batch_size, self.max_pixels, self.fetches = units, size, batch_size, max_pixels, fetches
+    def __init__(self, pieces: list[Piece], size: int, batch_size: int, max_pixels: int, fetches: int) -> None:
+        self.pieces, self.size, self.batch_size, self.max_pixels, self.fetches = pieces, size, batch_size, max_pixels, fetches
 
     def __iter__(self) -> Iterator[Batch]:
-        for unit in split_by_worker(self.units):
-            yield from unit_batches(unit, self.size, self.batch_size, self.max_pixels, self.fetches)
+        for piece in split_by_worker(self.pieces):
+            yield from piece_batches(piece, self.size, self.batch_size, self.max_pixels, self.fetches)
 
 
 # ---------------------------------------------------------------- model identity, summary records
@@ -553,6 +588,7 @@ def embed(model_dir: str, data: str, out: str, *, batch_size: int = DEFAULT_BATC
     parts = find_parts(out)
     check_one_model(parts, model, out)
     remove_parts(storage.join(out, name) for name in parts.dead)  # superseded by a complete part: a killed run's leftovers
+    listing = keep_stored_keys(listing, stored_keys(parts) if not listing.tar else {})
     plan = make_plan(listing, parts, model["sha256"], part_of, prune, files_per_part)
     if not storage.is_url(out):  # temp files of a killed run of this share; other shares' are not ours to touch
         for unit in plan.units:
@@ -595,6 +631,7 @@ class _OpenPart:
     labels: list[int | None] = field(default_factory=list)
     embeddings: list[np.ndarray] = field(default_factory=list)
     failures: list[dict[str, str]] = field(default_factory=list)
+    error: str | None = None  # why a shard of this unit could not be read: no part is written
 
 
 def _embed_units(units: list[Unit], model_dir: Path, out: str, model: dict[str, Any], data: str, listing: Listing, *,
@@ -606,8 +643,10 @@ def _embed_units(units: list[Unit], model_dir: Path, out: str, model: dict[str, 
     start = time.perf_counter()
     stats = _Stats()
     workers = min(usable_cpus(), MAX_WORKERS) if workers is None else workers
-    stats.workers = max(0, min(workers, len(units)))
-    stream = UnitStream(units, model["image_size"], batch_size, max_pixels, fetches)
+    images = sum(len(u.sources) for u in units if not u.tar)
+    pieces = pieces_of(units, max(1, min(batch_size, math.ceil(images / max(workers, 1)))))  # every worker busy
+    stats.workers = max(0, min(workers, len(pieces)))
+    stream = PieceStream(pieces, model["image_size"], batch_size, max_pixels, fetches)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=stats.workers,
                                          prefetch_factor=4 if stats.workers else None)
     # Workers fork here, before ONNX Runtime starts its threads (and CUDA), and decode while it loads.
@@ -615,6 +654,7 @@ def _embed_units(units: list[Unit], model_dir: Path, out: str, model: dict[str, 
     encoder = OnnxModel(Path(model_dir), device, threads, batch_size)
     stats.providers = encoder.providers
     by_name = {u.name: u for u in units}
+    pieces_left = Counter(p.unit.name for p in pieces)
     open_parts: dict[str, _OpenPart] = {}
     steady_since = None
     progress = tqdm(total=_expected_images(data, units), desc="embed", unit="img", dynamic_ncols=True)
@@ -640,13 +680,18 @@ def _embed_units(units: list[Unit], model_dir: Path, out: str, model: dict[str, 
             progress.update(len(batch.keys) + len(batch.failures))
             progress.set_postfix(listed=len(listing.sources), fetched=stats.fetched, embedded=stats.images,
                                  refresh=False)
-            if not batch.last:
-                continue
-            del open_parts[batch.unit]
             unit = by_name[batch.unit]
             if batch.error is not None:
+                part.error = batch.error
                 stats.unreadable.append({"shard": unit.sources[0].url if unit.sources else unit.name,
                                          "reason": batch.error})
+            if not batch.last:
+                continue
+            pieces_left[batch.unit] -= 1
+            if pieces_left[batch.unit]:
+                continue
+            del open_parts[batch.unit]
+            if part.error is not None:
                 continue
             _finish_part(out, unit, part, model, normalize)
             stats.written.append(unit.name)
@@ -663,6 +708,11 @@ def _finish_part(out: str, unit: Unit, part: _OpenPart, model: dict[str, Any], n
     dim = model["dim"]
     embeddings = [np.concatenate(part.embeddings)] if part.embeddings else []
     keys, sources, labels, failures = part.keys, part.sources, part.labels, part.failures
+    if not unit.tar and embeddings:  # pieces arrive from several workers: rows in listing order
+        position = {s.url: i for i, s in enumerate(unit.sources)}
+        order = sorted(range(len(keys)), key=lambda i: position[sources[i]])
+        keys, sources, labels = [keys[i] for i in order], [sources[i] for i in order], [labels[i] for i in order]
+        embeddings = [embeddings[0][order]]
     if unit.carry is not None:
         old = read_meta(unit.carry) or {}
         table, vectors = read_table(unit.carry)

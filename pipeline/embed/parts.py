@@ -129,6 +129,20 @@ def read_table(location: str):
     return table.select(["key", "source", "label"]), vectors
 
 
+def stored_keys(parts: Parts) -> dict[str, str]:
+    """source -> row key of everything the live parts hold: their rows and their listed failures."""
+    import pyarrow.parquet as pq
+
+    keys: dict[str, str] = {}
+    for part in parts.live.values():
+        keys.update((f["source"], f["key"]) for f in part.meta.get("failures", []) if "key" in f and "source" in f)
+        fs, path = storage.filesystem(part.location)
+        with storage.errors_as_sentences(part.location), fs.open(path, "rb") as file:
+            table = pq.read_table(file, columns=["key", "source"])
+        keys.update(zip(table.column("source").to_pylist(), table.column("key").to_pylist()))
+    return keys
+
+
 def part_locations(emb_dir: str) -> list[str]:
     """Every part file of EMB_DIR ([] when it does not exist yet)."""
     fs, path = storage.filesystem(emb_dir)
