@@ -176,7 +176,7 @@ def check_k(k: int) -> int:
     return k
 
 
-def embed_files(model_dir: Path, paths: list[Path], device: str = "auto",
+def embed_files(model_dir: Path, paths: list[str | Path], device: str = "auto",
                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, dict[str, Any]]:
     """Image files -> L2-normalised embeddings, preprocessed as /embed and barlow embed do."""
     from pipeline.data.preprocess import BadImage, load_array
@@ -187,9 +187,7 @@ def embed_files(model_dir: Path, paths: list[Path], device: str = "auto",
     arrays = []
     for path in paths:
         try:
-            arrays.append(load_array(Path(path).read_bytes(), size, max_pixels))
-        except OSError as exc:
-            raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+            arrays.append(load_array(storage.read_bytes(path), size, max_pixels))
         except BadImage as exc:
             raise UserError(f"{path}: {exc}") from None
     encoder = OnnxModel(model_dir, device, max_batch=len(arrays))
@@ -203,8 +201,9 @@ def search_images(index_dir: str | Path, model_dir: str | Path, images: list[str
 
     check_k(k)
     index = SearchIndex(index_dir)
-    index.check_model(load_model_info(Path(model_dir)))
-    embeddings, _ = embed_files(Path(model_dir), [Path(p) for p in images], device, max_pixels)
+    model_dir = storage.local_copy(str(model_dir), ("model.json", "model.onnx"))
+    index.check_model(load_model_info(model_dir))
+    embeddings, _ = embed_files(model_dir, [str(p) for p in images], device, max_pixels)
     results = index.search(embeddings, k)
     return [{"query": str(query), "rank": rank, **hit}
             for query, hits in zip(images, results) for rank, hit in enumerate(hits, 1)]
@@ -218,10 +217,10 @@ def search_key(index_dir: str | Path, key: str, k: int = DEFAULT_K) -> list[dict
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("index_dir", help="INDEX_DIR written by barlow index (a folder or bucket URL)")
-    parser.add_argument("images", nargs="*", type=Path, metavar="IMAGE", help="query images")
+    parser.add_argument("images", nargs="*", metavar="IMAGE", help="query images (paths or bucket URLs)")
     # nargs="+": argparse (3.11) cannot take positionals after an option once INDEX_DIR matched, so the
     # documented form `INDEX_DIR --model MODEL_DIR IMAGE...` collects the images here.
-    parser.add_argument("--model", nargs="+", type=Path, metavar=("MODEL_DIR", "IMAGE"),
+    parser.add_argument("--model", nargs="+", metavar=("MODEL_DIR", "IMAGE"),
                         help="the MODEL_DIR the index was built from, then the query images")
     parser.add_argument("--key", help="instead of images: the neighbours of this indexed key")
     parser.add_argument("-k", type=int, default=DEFAULT_K, help="neighbours per query (default %(default)s)")
