@@ -31,10 +31,11 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from serve_throughput import jpegs, server_runtime  # noqa: E402
+
+from pipeline.serve import start_server  # noqa: E402
 
 from common import RESULTS, commit, device_label, merge_record, random_model  # noqa: E402  (puts the repo on sys.path)
-from serve_throughput import jpegs  # noqa: E402
-from pipeline.serve import start_server  # noqa: E402
 
 
 def server_rss_mb(pid: int) -> float:
@@ -231,6 +232,7 @@ def main() -> int:
         server = start_server(model_dir, env=env, log_file=args.log or Path(tmp) / "server.log")
         try:
             pid = server.process.pid
+            runtime = server_runtime(server.url)  # what the encoder runs, as the server reports it
             rss_start = server_rss_mb(pid)
             levels = []
             for clients in args.clients:
@@ -258,6 +260,7 @@ def main() -> int:
     where = {"device": device_label(False), "commit": commit(), "cpus": os.cpu_count(),
              "load_average_1m_at_end": round(os.getloadavg()[0], 1),
              "model": {"arch": args.arch, "image_size": args.image_size},
+             "provider": runtime["provider"], "precision": runtime["precision"],
              "server": "barlow serve on 127.0.0.1, service defaults",
              "clients": f"aiohttp closed loops in {args.client_processes} asyncio processes on the same machine",
              "note": args.note, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

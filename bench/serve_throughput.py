@@ -2,7 +2,11 @@
 clients each sending one JPEG per request, p50/p99 latency, and served/raw, in one run.
 
 served/raw says what the HTTP path (multipart, decode, the hop to the batched encoder, JSON) costs
-against the model alone. Writes bench/results/serve-<device>-<date>.json.
+against the model alone. `provider` and `precision` are what the server's /model says runs, not what
+this script expects. --response-format npy has the clients ask for .npy bodies (Accept:
+application/x-npy); every record also times the server's own serialisation of a 64 x 2048 response
+as JSON floats and as .npy (serving/responses.py, the functions /embed calls).
+Writes bench/results/serve-<device>-<date>.json.
 
     python bench/serve_throughput.py                                    # CPU: fmnist model, 32 px
     python bench/serve_throughput.py --arch resnet50 --image-size 224   # GPU: ResNet-50, 224 px
@@ -26,12 +30,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common import RESULTS, commit, device_label, write_record, random_model  # noqa: E402  (also puts the repo on sys.path)
-
-from pipeline.serve import start_server  # noqa: E402
 from pipeline.devices import gpu_available  # noqa: E402
 from pipeline.runtime import OnnxModel  # noqa: E402
 from pipeline.runtime import usable_cpus  # noqa: E402
+from pipeline.serve import start_server  # noqa: E402
+from serving.responses import NPY, json_floats, npy  # noqa: E402
+
+from common import (RESULTS, commit, device_label, random_model,  # noqa: E402  (also puts the repo on sys.path)
+                    write_record)
+
+ACCEPT = {"json": "application/json", "npy": NPY}
 
 
 
@@ -74,7 +82,31 @@ def raw_throughput(model_dir: Path, batch: int, seconds: float) -> tuple[float, 
     return rates[0], rates[1], encoder.providers
 
 
-async def load(url: str, blobs: list[bytes], clients: int, warmup: float, seconds: float) -> dict:
+def serialisation_ms(rows: int = 64, dim: int = 2048, repeats: int = 20) -> dict:
+    """Server-side time to serialise one rows x dim response: JSON floats vs .npy (best of `repeats`)."""
+    embeddings = np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)  # what /embed returns by default
+    best = {}
+    for name, serialise in (("json", lambda: json_floats("model", dim, embeddings)), ("npy", lambda: npy(embeddings))):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            serialise()
+            times.append(time.perf_counter() - start)
+        best[name] = min(times) * 1000
+    return {f"json_ms_per_{rows}x{dim}": round(best["json"], 3), f"npy_ms_per_{rows}x{dim}": round(best["npy"], 3),
+            "json_over_npy_serialisation": round(best["json"] / best["npy"], 1)}
+
+
+def server_runtime(url: str) -> dict:
+    """The encoder's provider, device and precision as the server reports them (GET /model)."""
+    import httpx
+
+    return httpx.get(f"{url}/model", timeout=30).raise_for_status().json()["runtime"]
+
+
+async def load(url: str, blobs: list[bytes], clients: int, warmup: float, seconds: float,
+               accept: str = ACCEPT["json"]) -> dict:
     """`clients` loops in one process, each one image per request; latencies after the warm-up."""
     import httpx
 
@@ -89,7 +121,8 @@ async def load(url: str, blobs: list[bytes], clients: int, warmup: float, second
             data = blobs[n % len(blobs)]
             n += clients
             try:
-                response = await http.post("/embed", files=[("images", ("image.jpg", data, "image/jpeg"))])
+                response = await http.post("/embed", files=[("images", ("image.jpg", data, "image/jpeg"))],
+                                           headers={"Accept": accept})
                 status = str(response.status_code)
             except httpx.HTTPError as exc:
                 status = type(exc).__name__
@@ -110,12 +143,13 @@ def load_process(job: tuple) -> dict:
 
 
 def served_throughput(url: str, blobs: list[bytes], clients: int, processes: int, warmup: float,
-                      seconds: float) -> dict:
+                      seconds: float, accept: str = ACCEPT["json"]) -> dict:
     """C clients spread over `processes` client processes (one Python process tops out near 1k req/s)."""
     from concurrent.futures import ProcessPoolExecutor
 
     shares = [clients // processes + (i < clients % processes) for i in range(processes)]
-    jobs = [(url, blobs[i::processes] or blobs, share, warmup, seconds) for i, share in enumerate(shares) if share]
+    jobs = [(url, blobs[i::processes] or blobs, share, warmup, seconds, accept)
+            for i, share in enumerate(shares) if share]
     if len(jobs) == 1:
         results = [load_process(jobs[0])]
     else:
@@ -163,6 +197,8 @@ def main() -> int:
                         help="processes the C clients are spread over (default %(default)s)")
     parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for the server, e.g. BARLOW_THREADS=4 (repeatable)")
+    parser.add_argument("--response-format", choices=sorted(ACCEPT), default="json",
+                        help="what the clients ask /embed for: JSON floats or .npy (default %(default)s)")
     parser.add_argument("--log", type=Path, help="keep the server's log here")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON record")
     args = parser.parse_args()
@@ -179,8 +215,10 @@ def main() -> int:
                **dict(item.split("=", 1) for item in args.server_env)}
         server = start_server(model_dir, env=env, log_file=Path(tmp) / "server.log")
         try:
+            runtime = server_runtime(server.url)
             served = served_throughput(server.url, jpegs(64, info["image_size"]), args.clients,
-                                       args.client_processes, args.warmup, args.seconds)
+                                       args.client_processes, args.warmup, args.seconds,
+                                       ACCEPT[args.response_format])
             served["server"] = server_metrics(server.url)
         finally:
             server.stop()
@@ -202,7 +240,11 @@ def main() -> int:
         "workers": args.workers,
         "client_processes": args.client_processes,
         "model": {"arch": info["arch"], "image_size": info["image_size"], "dim": info["dim"]},
-        "providers": providers,
+        "provider": runtime["provider"],  # the server's /model: what ran, not what was expected
+        "precision": runtime["precision"],
+        "providers": providers,  # the raw measurement's session
+        "response_format": args.response_format,
+        **serialisation_ms(),  # after the server stopped: nothing else on the cores
         "server": served["server"],
         "server_env": args.server_env,
         "requests": served["requests"],

@@ -2,7 +2,9 @@
 
 Shared by the service (`serving/`) and the offline commands (`barlow embed`, `barlow search`), so
 the served and the batch embeddings run the same graph on the same providers. CUDA (or TensorRT when
-asked) when torch sees a GPU, else CPU with one intra-op thread per usable CPU.
+asked) when torch sees a GPU, else CPU with one intra-op thread per usable CPU. A device asked for by
+name (cuda, tensorrt) must be the provider ONNX Runtime actually runs, else OnnxModel raises: ORT itself
+falls back to the CPU with only a log line when a provider cannot load (CUDA libraries missing).
 `get_available_providers()` lists CUDA even on CPU-only machines, so it is never the GPU test;
 `import torch` also loads the CUDA/cuDNN libraries onnxruntime-gpu needs. TF32 stays off so the GPU
 embedding matches the torch FeatureExtractor within the export's parity tolerance. onnxruntime is imported
@@ -57,8 +59,11 @@ def load_model_info(model_dir: Path) -> dict[str, Any]:
     return info
 
 
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
 def execution_providers(device: str, image_size: int, max_batch: int, cache_dir: Path) -> list[Any]:
-    """ONNX Runtime providers for `device` (auto | cpu | cuda | tensorrt), most preferred first."""
+    """ONNX Runtime providers for a resolved `device` (cpu | cuda | tensorrt), most preferred first."""
     cpu = "CPUExecutionProvider"
     device = runtime_device(device)
     if device == "cpu":
@@ -83,7 +88,13 @@ class OnnxModel:
 
         self.info = load_model_info(model_dir)
         self.image_size, self.dim = int(self.info["image_size"]), int(self.info["dim"])
-        providers = execution_providers(device, self.image_size, max_batch, Path(model_dir) / ".trt-cache")
+        self.precision = str(self.info.get("precision", "fp32"))  # export writes it when not fp32
+        self.requested = device
+        self.device = runtime_device(device)
+        if device == "auto":
+            logger.info("device auto: %s", "cuda (torch sees a GPU)" if self.device == "cuda"
+                        else "cpu (torch sees no GPU)")
+        providers = execution_providers(self.device, self.image_size, max_batch, Path(model_dir) / ".trt-cache")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or usable_cpus()
         options.inter_op_num_threads = 1
@@ -95,14 +106,23 @@ class OnnxModel:
             raise UserError(f"{Path(model_dir) / 'model.onnx'} is not a loadable ONNX model: "
                             f"{str(exc).splitlines()[0][:200]}") from None
         self.providers = self.session.get_providers()
-        wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
-        if self.providers[0] != wanted:
-            logger.warning("%s is unavailable; running on %s", wanted, self.providers[0])
+        check_active(PROVIDERS[self.device], self.providers[0], explicit=device != "auto",
+                     available=ort.get_available_providers())
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         logger.info("model %s (dim %d, %d px, sha256 %s) on %s with %d CPU threads", self.info["name"], self.dim,
                     self.image_size, self.info.get("onnx_sha256", "?")[:12], ", ".join(self.providers),
                     options.intra_op_num_threads)
+
+    @property
+    def provider(self) -> str:
+        """The provider that runs the graph (ORT assigns every node it can to the first one)."""
+        return self.providers[0]
+
+    def runtime(self) -> dict[str, Any]:
+        """What runs, for /model and the barlow_encoder_info metric."""
+        return {"provider": self.provider, "providers": list(self.providers), "device": self.device,
+                "requested_device": self.requested, "precision": self.precision}
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: images})[0]
@@ -115,6 +135,24 @@ class OnnxModel:
         seconds = time.perf_counter() - start
         logger.info("warm-up at batch %s took %.2f s", ",".join(map(str, batch_sizes)), seconds)
         return seconds
+
+
+def check_active(wanted: str, active: str, explicit: bool, available: list[str]) -> None:
+    """Refuse a device asked for by name whose provider is not the one running; with `auto`, say so.
+
+    ORT logs a provider it cannot load and silently runs the graph on the next one (the CPU), which
+    would serve at a fraction of the speed the device was chosen for.
+    """
+    if active == wanted:
+        return
+    if wanted not in available:
+        cause = f"this onnxruntime has no {wanted} (install onnxruntime-gpu, not onnxruntime)"
+    else:
+        cause = ("it failed to load: no GPU visible to this process or CUDA/cuDNN libraries missing or not "
+                 "the versions this onnxruntime-gpu needs (ONNX Runtime's error above says which)")
+    if explicit:
+        raise UserError(f"{wanted} was asked for but ONNX Runtime runs {active}: {cause}")
+    logger.warning("%s is not running (ONNX Runtime runs %s): %s", wanted, active, cause)
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:

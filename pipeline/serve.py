@@ -122,10 +122,23 @@ def start_server(model_dir: str | Path, host: str = "127.0.0.1", port: int = 0, 
     server = Server(process, f"http://{local}:{port}", log_path)
     try:
         wait_ready(server.url, process, timeout, f"; log: {log_path}" if log_path else "")
+    except UserError as exc:
+        server.stop(grace=10)
+        reason = startup_reason(log_path)
+        raise UserError(f"{exc}: {reason}" if reason else str(exc)) from None
     except BaseException:
         server.stop(grace=10)
         raise
     return server
+
+
+def startup_reason(log_path: Path | None) -> str | None:
+    """The sentence a service process logged when it could not start (serving/startup.py), if any."""
+    if log_path is None or not log_path.is_file():
+        return None
+    marker = "cannot start: "
+    lines = [line for line in log_path.read_text(errors="replace").splitlines() if marker in line]
+    return lines[-1].split(marker, 1)[1].strip() if lines else None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -21,6 +21,10 @@ BATCH_SIZE = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
 MODEL_INFO = Gauge(
     "barlow_model_info", "The served model (value 1)", ["name", "sha256", "dim"], multiprocess_mode="max")
+ENCODER_INFO = Gauge(
+    "barlow_encoder_info", "What runs the model in the encoder process (value 1): the ONNX Runtime provider "
+    "that is active, the device (cpu, cuda, tensorrt) and the model's precision", ["provider", "device", "precision"],
+    multiprocess_mode="max")
 SHED_REQUESTS = Counter(
     "barlow_shed_requests", "Requests answered 503 without an embedding, by reason "
     "(in_flight_limit, encoder_overloaded, encoder_unreachable)", ["reason"])

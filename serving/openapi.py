@@ -4,7 +4,8 @@ BentoML documents only its own APIs and mounted FastAPI apps; /embed, /embed_bas
 /model are plain Starlette routes (serving/service.py says why), so its document lists the probes
 alone. `openapi_document` adds our paths, written here by hand from serving/requests.py,
 serving/search.py and serving/limits.py, so that clients and schemathesis see the real contract:
-every status a route can answer, the JSON error body, Retry-After on 503, and the bearer token only
+every status a route can answer, the JSON error body, Retry-After on 503, the response formats
+(serving/responses.py: JSON floats, base64 JSON, .npy; 406 for others), and the bearer token only
 when one is configured. Count limits are stated in descriptions, not as maxItems: going over them is
 answered 413, which a schema bound would wrongly promise to be a 400/422.
 """
@@ -15,9 +16,8 @@ import copy
 from typing import Any
 
 from pipeline.embed.search import DEFAULT_K, MAX_K
+from serving.responses import DTYPES, ENCODINGS, JSON, NPY
 from serving.settings import Settings
-
-JSON = "application/json"
 
 
 def ref(name: str) -> dict[str, str]:
@@ -31,7 +31,8 @@ def error(description: str, headers: dict[str, Any] | None = None) -> dict[str, 
 
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
 ERRORS = {
-    "400": error("An image is not a decodable image, or the body is malformed (multipart, JSON, base64)"),
+    "400": error("An image is not a decodable image, or the body (multipart, JSON, base64) or the Accept header "
+                 "is malformed"),
     "408": error("The request body did not arrive within BARLOW_BODY_TIMEOUT_S"),
     "413": error("Body larger than BARLOW_MAX_BODY_MB, more than BARLOW_MAX_IMAGES images, or an image larger "
                  "than BARLOW_MAX_PIXELS"),
@@ -42,7 +43,24 @@ ERRORS = {
     "504": error("Not answered within the request timeout (60 s)"),
 }
 MULTIPART_ERRORS = {**ERRORS, "415": error("Not multipart/form-data")}
+NOT_ACCEPTABLE = {"406": error(f"The Accept header allows neither {JSON} nor {NPY} (a dtype parameter on the "
+                               "media type counts as another type: use ?dtype=)")}
 BOOLEAN = {"type": "boolean", "description": "true/false (also 1/0, yes/no, on/off), default true"}
+RESPONSE_PARAMETERS = [
+    {"name": "encoding", "in": "query", "required": False, "schema": {"type": "string", "enum": list(ENCODINGS),
+                                                                       "default": "floats"},
+     "description": "JSON responses: `floats` (embeddings as numbers) or `base64` (embeddings_base64: the "
+                    "little-endian [N, D] array's bytes, row-major). Not with Accept: application/x-npy (422)."},
+    {"name": "dtype", "in": "query", "required": False, "schema": {"type": "string", "enum": list(DTYPES),
+                                                                    "default": "float32"},
+     "description": "Element type of an application/x-npy or encoding=base64 response; float16 needs one of "
+                    "them (422 with JSON floats) and a value beyond float16's range is a 422."},
+]
+EMBEDDED_HEADERS = {
+    "X-Barlow-Model": {"description": "the model's name (percent-encoded if not printable ASCII)",
+                       "schema": {"type": "string"}},
+    "X-Barlow-Dim": {"description": "D, the embedding dimension", "schema": {"type": "integer"}},
+}
 
 
 def images_field(settings: Settings) -> dict[str, Any]:
@@ -74,26 +92,32 @@ def operation(summary: str, body: dict[str, Any] | None, ok: dict[str, Any], err
 
 def paths(settings: Settings) -> dict[str, Any]:
     k_schema = {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": DEFAULT_K}
-    ok = {"description": "Embeddings in request order", "content": {JSON: {"schema": ref("Embeddings")}}}
+    ok = {"description": "Embeddings in request order. JSON by default (also for Accept: */*): floats, or with "
+                         "?encoding=base64 the packed array; Accept: application/x-npy: a .npy file of float32 "
+                         "(or ?dtype=float16) [N, D], read with numpy.load(io.BytesIO(body)).",
+          "headers": EMBEDDED_HEADERS,
+          "content": {JSON: {"schema": {"oneOf": [ref("Embeddings"), ref("EmbeddingsBase64")]}},
+                      NPY: {"schema": {"type": "string", "format": "binary"}}}}
     found = {"description": "Nearest indexed images of each image, best first",
              "content": {JSON: {"schema": ref("SearchResults")}}}
     return {
         "/embed": {"post": operation(
-            "Embed uploaded images", multipart_body(settings, "normalize", BOOLEAN), ok, MULTIPART_ERRORS, settings,
-            [{"name": "normalize", "in": "query", "required": False, "schema": BOOLEAN}])},
+            "Embed uploaded images", multipart_body(settings, "normalize", BOOLEAN), ok,
+            {**MULTIPART_ERRORS, **NOT_ACCEPTABLE}, settings,
+            [{"name": "normalize", "in": "query", "required": False, "schema": BOOLEAN}, *RESPONSE_PARAMETERS])},
         "/embed_base64": {"post": operation(
             "Embed base64-encoded images", {"required": True, "content": {JSON: {"schema": {
                 "type": "object", "required": ["images"], "additionalProperties": False, "properties": {
                     "images": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "byte"},
                                "description": "base64 (standard or URL-safe, data: URLs accepted) of image files, "
                                               f"at most {settings.max_images} (more: 413)"},
-                    "normalize": BOOLEAN}}}}}, ok, ERRORS, settings)},
+                    "normalize": BOOLEAN}}}}}, ok, {**ERRORS, **NOT_ACCEPTABLE}, settings, RESPONSE_PARAMETERS)},
         "/search": {"post": operation(
             "Nearest indexed images of uploaded images", multipart_body(settings, "k", k_schema), found,
             {**MULTIPART_ERRORS, "404": error("No index configured (BARLOW_INDEX_DIR)")}, settings,
             [{"name": "k", "in": "query", "required": False, "schema": k_schema}])},
-        "/model": {"get": {"summary": "The served model's model.json", "tags": ["Service APIs"],
-                           "responses": {"200": {"description": "model.json",
+        "/model": {"get": {"summary": "The served model's model.json and what runs it", "tags": ["Service APIs"],
+                           "responses": {"200": {"description": "model.json plus `runtime`",
                                                  "content": {JSON: {"schema": ref("ModelInfo")}}}}}},
     }
 
@@ -112,8 +136,26 @@ SCHEMAS = {
             "neighbours": {"type": "array", "items": {"type": "object", "required": ["key", "score"], "properties": {
                 "key": {"type": "string"}, "source": {"type": "string", "nullable": True},
                 "label": {"type": "integer", "nullable": True}, "score": {"type": "number"}}}}}}}}},
-    "ModelInfo": {"type": "object", "required": ["name", "dim", "image_size"], "properties": {
-        "name": {"type": "string"}, "dim": {"type": "integer"}, "image_size": {"type": "integer"}}},
+    "EmbeddingsBase64": {
+        "type": "object", "required": ["model", "dim", "dtype", "shape", "embeddings_base64"],
+        "additionalProperties": False, "properties": {
+            "model": {"type": "string"}, "dim": {"type": "integer"},
+            "dtype": {"type": "string", "enum": list(DTYPES)},
+            "shape": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2,
+                      "description": "[N, D]"},
+            "embeddings_base64": {"type": "string", "format": "byte",
+                                  "description": "the little-endian array's bytes, row-major, base64"}}},
+    "ModelInfo": {"type": "object", "required": ["name", "dim", "image_size", "runtime"], "properties": {
+        "name": {"type": "string"}, "dim": {"type": "integer"}, "image_size": {"type": "integer"},
+        "precision": {"type": "string", "description": "absent: fp32"},
+        "runtime": {"type": "object", "nullable": True,
+                    "description": "what runs the model in the encoder process; null until the service is ready",
+                    "required": ["provider", "providers", "device", "precision"], "properties": {
+                        "provider": {"type": "string", "description": "the active ONNX Runtime provider"},
+                        "providers": {"type": "array", "items": {"type": "string"}},
+                        "device": {"type": "string", "enum": ["cpu", "cuda", "tensorrt"]},
+                        "requested_device": {"type": "string", "description": "BARLOW_DEVICE"},
+                        "precision": {"type": "string"}}}}},
 }
 PROBES = {  # what BentoML's probes answer besides its documented 200
     "/readyz": {"503": {"description": "Not ready: warming up, or the encoder is restarting",

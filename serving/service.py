@@ -9,6 +9,10 @@ service, because BentoML's typed multipart inputs answer some malformed bodies w
 URLs given in file fields); /readyz, /livez, /metrics are BentoML's own, and /docs.json is
 BentoML's OpenAPI document with these routes added (serving/openapi.py). Overload, slow uploads and
 a restarting model process get 503/408 JSON answers at once (serving/limits.py says what bounds what).
+Responses are JSON floats, or .npy / base64 on request (serving/responses.py). A model process that
+cannot start (e.g. BARLOW_DEVICE=cuda and no working CUDA provider) stops the whole server with a
+non-zero exit instead of being restarted forever (serving/startup.py); /model and the
+barlow_encoder_info metric say which provider, device and precision actually run.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ import numpy as np
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from pipeline.errors import UserError
 from pipeline.runtime import OnnxModel, l2_normalize, load_model_info, usable_cpus
 from serving import metrics
 from serving.batching import GPU_PROVIDERS, bucket_for, bucket_sizes, pad_rows
@@ -34,8 +39,10 @@ from serving.limits import Admission, Gate, Unavailable, body_deadline
 from serving.openapi import openapi_document
 from serving.requests import (EmbedRequest, RequestError, check_body_size, check_token, header_pixels,
                               parse_base64_json, parse_multipart, preprocess_all, read_body)
+from serving.responses import ResponseFormat, negotiate, render
 from serving.search import open_index, search
 from serving.settings import settings_from_env
+from serving.startup import install_supervisor_hook, stop_server
 
 logger = logging.getLogger(__name__)
 for _name in ("serving", "pipeline"):  # BentoML's server logging config sets the root to WARNING
@@ -51,6 +58,10 @@ NEVER_REFRESH = {"max_requests": 2**31 - 1, "max_age": 1e9}
 # more on a model process that had just been killed, and a probe that hangs is worse than a 503.
 READY_TIMEOUT_S = 2
 NO_RUNNER_PROBE = {"enabled": False, "timeout": READY_TIMEOUT_S, "period": 10}
+# The Embedder's warm-up call goes to an encoder that warmed itself up already, so it is quick; the bound
+# is for a socket that accepts with no process behind it (a failed encoder), which would hold the probe,
+# and a shutdown waiting on it, for the full TIMEOUT_S.
+WARM_UP_TIMEOUT_S = 15
 
 
 @bentoml.service(name="barlow-batched-model", workers=1, threads=1, traffic={"timeout": TIMEOUT_S},
@@ -60,8 +71,14 @@ class BatchedModel:
 
     def __init__(self) -> None:
         settings = SETTINGS
-        self.model = OnnxModel(settings.served_model_dir(), settings.device, settings.threads, settings.max_batch)
-        pad = settings.pad_batches if settings.pad_batches >= 0 else self.model.providers[0] in GPU_PROVIDERS
+        try:
+            self.model = OnnxModel(settings.served_model_dir(), settings.device, settings.threads, settings.max_batch)
+        except UserError as exc:  # a restart cannot fix it: stop the server rather than loop, never ready
+            stop_server(str(exc))
+            raise
+        runtime = self.model.runtime()
+        metrics.ENCODER_INFO.labels(runtime["provider"], runtime["device"], runtime["precision"]).set(1)
+        pad = settings.pad_batches if settings.pad_batches >= 0 else self.model.provider in GPU_PROVIDERS
         self.buckets = bucket_sizes(settings.max_batch) if pad else ()
         self.model.warm_up(self.buckets or (1,))
         self.drain = IdleDrain(limit_s=TIMEOUT_S)
@@ -79,31 +96,45 @@ class BatchedModel:
         metrics.BATCH_SIZE.observe(count)
         return embeddings
 
+    @bentoml.api
+    def runtime(self) -> dict:
+        """{provider, providers, device, requested_device, precision}: what this process runs (for /model)."""
+        return self.model.runtime()
 
-async def embed(request: Request) -> JSONResponse:
+
+def response_format(request: Request) -> ResponseFormat:
+    """Checked before the body is read: a 406 or 422 costs the client no upload and us no decoding."""
+    return negotiate(request.headers.get("accept", ""), request.query_params)
+
+
+async def embed(request: Request) -> Response:
     service: Embedder = bentoml.get_current_service()
     try:
         service.authorize(request)
+        fmt = response_format(request)
         async with body_deadline(service.settings.body_timeout_s):
             parsed = await parse_multipart(request, service.settings.max_images)
-        return await service.respond(parsed)
+        return await service.respond(parsed, fmt)
     except RequestError as exc:
         return service.reject(exc)
 
 
-async def embed_base64(request: Request) -> JSONResponse:
+async def embed_base64(request: Request) -> Response:
     service: Embedder = bentoml.get_current_service()
     try:
         service.authorize(request)
+        fmt = response_format(request)
         async with body_deadline(service.settings.body_timeout_s):
             body = await read_body(request, service.settings.max_body_mb * 2**20)
-        return await service.respond(parse_base64_json(body, service.settings.max_images))
+        return await service.respond(parse_base64_json(body, service.settings.max_images), fmt)
     except RequestError as exc:
         return service.reject(exc)
 
 
 async def model(request: Request) -> JSONResponse:
-    return JSONResponse(bentoml.get_current_service().info)
+    """model.json plus `runtime` (provider, device, precision in the encoder process; null until it answers)."""
+    service: Embedder = bentoml.get_current_service()
+    return JSONResponse({**service.info, "runtime": await service.encoder_runtime()})
 
 
 async def docs(request: Request) -> JSONResponse:
@@ -137,6 +168,11 @@ class Embedder:
 
     model = bentoml.depends(BatchedModel)
 
+    @bentoml.on_deployment
+    def supervise() -> None:
+        """In the `bentoml serve` process, before any service process starts (serving/startup.py)."""
+        install_supervisor_hook()
+
     def __init__(self) -> None:
         self.settings = SETTINGS
         self.info = load_model_info(self.settings.served_model_dir())
@@ -147,6 +183,7 @@ class Embedder:
                                    min_limit=self.settings.max_batch)
         self.search_index = open_index(self.settings.index_dir, self.info)  # None: /search answers 404
         self.warm = False
+        self.runtime: dict | None = None  # the encoder's, fetched with the warm-up
         self.warm_lock = asyncio.Lock()
         metrics.MODEL_INFO.labels(self.name, self.info.get("onnx_sha256", ""), str(self.dim)).set(1)
         logger.info("serving %s (dim %d, %d px); max %d images and %d pixels per image, %d images in flight "
@@ -164,14 +201,30 @@ class Embedder:
             except Exception as exc:  # killed or restarting: its socket accepts, nobody answers
                 logger.info("encoder not ready: %r", exc)
                 return False
+        if self.warm_lock.locked():  # another probe is warming up: answer now rather than queue a second try
+            return False
         async with self.warm_lock:
             if not self.warm:
                 try:
-                    await self.model.to_async.encode(np.zeros((1, 3, self.size, self.size), dtype=np.uint8))
+                    async with asyncio.timeout(WARM_UP_TIMEOUT_S):
+                        await self.model.to_async.encode(np.zeros((1, 3, self.size, self.size), dtype=np.uint8))
+                        self.runtime = self.runtime or await self.model.to_async.runtime()
                     self.warm = True
+                    logger.info("the encoder runs %s on %s (%s)", self.runtime["provider"], self.runtime["device"],
+                                self.runtime["precision"])
                 except Exception as exc:  # the model process is still starting
-                    logger.info("encoder not ready yet: %s", exc)
+                    logger.info("encoder not ready yet: %r", exc)
         return self.warm
+
+    async def encoder_runtime(self) -> dict | None:
+        """What the encoder runs, asked once (at warm-up, or here for a worker that no probe reached)."""
+        if self.runtime is None:
+            try:
+                async with asyncio.timeout(READY_TIMEOUT_S):
+                    self.runtime = await self.model.to_async.runtime()
+            except Exception as exc:  # not started yet, or restarting: /model says null
+                logger.info("encoder runtime unknown yet: %r", exc)
+        return self.runtime
 
     def authorize(self, request: Request) -> None:
         check_token(request, self.settings.api_token)
@@ -213,10 +266,11 @@ class Embedder:
         metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - start)
         return arrays
 
-    async def respond(self, request: EmbedRequest) -> JSONResponse:
+    async def respond(self, request: EmbedRequest, fmt: ResponseFormat = ResponseFormat()) -> Response:
         with self.admission.admit(len(request.images)):  # 503 at once when this worker is full
             embeddings = await self.encode(await self.decode(request.images))
         if request.normalize:
             embeddings = l2_normalize(embeddings)
+        body, media_type, headers = render(fmt, self.name, self.dim, embeddings)
         metrics.IMAGES_EMBEDDED.inc(len(embeddings))
-        return JSONResponse({"model": self.name, "dim": self.dim, "embeddings": embeddings.tolist()})
+        return Response(body, media_type=media_type, headers=headers)

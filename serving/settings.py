@@ -29,7 +29,9 @@ BUNDLED_MODEL = "models/current"  # where bentofile.yaml packs the MODEL_DIR
 class Settings:
     model_dir: Path | None = None  # BARLOW_MODEL_DIR: the MODEL_DIR to serve (required to start)
     index_dir: Path | None = None  # BARLOW_INDEX_DIR: enables /search
-    device: str = "auto"  # BARLOW_DEVICE: auto (CUDA when torch sees a GPU) | cpu | cuda | tensorrt
+    # BARLOW_DEVICE: auto (CUDA when torch sees a GPU) | cpu | cuda | tensorrt; cuda and tensorrt stop the
+    # server at startup unless that ONNX Runtime provider is the one running (no silent CPU fallback)
+    device: str = "auto"
     api_token: str = ""  # BARLOW_API_TOKEN: non-empty: /embed, /embed_base64, /search need `Bearer <token>`
     max_images: int = 64  # BARLOW_MAX_IMAGES: per request
     max_pixels: int = DEFAULT_MAX_PIXELS  # BARLOW_MAX_PIXELS: per image, checked before decoding

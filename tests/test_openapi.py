@@ -67,11 +67,31 @@ def test_every_status_a_route_answers_is_documented(settings):
             "$ref": "#/components/schemas/Error"}
     assert set(embed["requestBody"]["content"]) == {"multipart/form-data"}
     assert set(b64["requestBody"]["content"]) == {"application/json"}
-    assert [p["name"] for p in embed["parameters"]] == ["normalize"]
+    assert [p["name"] for p in embed["parameters"]] == ["normalize", "encoding", "dtype"]
+    assert [p["name"] for p in b64["parameters"]] == ["encoding", "dtype"]
+    assert "406" in embed["responses"] and "406" in b64["responses"] and "406" not in search["responses"]
     assert [p["name"] for p in search["parameters"]] == ["k"]
     assert paths["/embed"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["required"] == ["images"]
     assert set(paths["/readyz"]["get"]["responses"]) == {"200", "503"}
     assert "text/plain" in paths["/metrics"]["get"]["responses"]["200"]["content"]
+
+
+def test_embedding_responses_document_json_base64_and_npy(settings):
+    document = openapi_document(bentoml_spec(), settings)
+    schemas = document["components"]["schemas"]
+    for path in ("/embed", "/embed_base64"):
+        ok = document["paths"][path]["post"]["responses"]["200"]
+        assert set(ok["content"]) == {"application/json", "application/x-npy"}
+        assert ok["content"]["application/json"]["schema"] == {"oneOf": [
+            {"$ref": "#/components/schemas/Embeddings"}, {"$ref": "#/components/schemas/EmbeddingsBase64"}]}
+        assert ok["content"]["application/x-npy"]["schema"] == {"type": "string", "format": "binary"}
+        assert set(ok["headers"]) == {"X-Barlow-Model", "X-Barlow-Dim"}
+        parameters = {p["name"]: p for p in document["paths"][path]["post"]["parameters"]}
+        assert parameters["encoding"]["schema"]["enum"] == ["floats", "base64"]
+        assert parameters["dtype"]["schema"]["enum"] == ["float32", "float16"]
+    assert set(schemas["EmbeddingsBase64"]["required"]) == {"model", "dim", "dtype", "shape", "embeddings_base64"}
+    runtime = schemas["ModelInfo"]["properties"]["runtime"]
+    assert runtime["nullable"] and {"provider", "device", "precision"} <= set(runtime["required"])
 
 
 def test_without_a_token_there_is_no_security_scheme():

@@ -7,6 +7,7 @@ One server (token auth on, small limits) serves the module; the SIGTERM test sta
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import shutil
@@ -26,8 +27,10 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.data.preprocess import load_array
+from pipeline.errors import UserError
 from pipeline.runtime import OnnxModel
 from pipeline.serve import PROJECT_ROOT, free_port, start_server, wait_ready
+from serving.responses import decode_base64_body
 
 from helpers_serving import encode, exported_model, log_tail, photo, sample_images, torch_embed, torch_reference
 
@@ -248,10 +251,55 @@ def test_metrics_expose_the_barlow_families(client, model):
     info = json.loads((model[1] / "model.json").read_text())
     labels = {"name": "run-serve-resnet18", "sha256": info["onnx_sha256"], "dim": "512"}
     assert value(after, "barlow_model_info", **labels) == 1
+    encoder = {"provider": "CPUExecutionProvider", "device": "cpu", "precision": "fp32"}  # what runs, not the wish
+    assert value(after, "barlow_encoder_info", **encoder) == 1 and value(after, "barlow_encoder_info") == 1
 
 
-def test_model_route_returns_model_json(client, model):
-    assert client.get("/model").json() == json.loads((model[1] / "model.json").read_text())
+def test_model_route_returns_model_json_and_what_runs_it(client, model):
+    body = client.get("/model").json()
+    assert body.pop("runtime") == {"provider": "CPUExecutionProvider", "providers": ["CPUExecutionProvider"],
+                                   "device": "cpu", "requested_device": "auto", "precision": "fp32"}
+    assert body == json.loads((model[1] / "model.json").read_text())
+
+
+def test_npy_and_base64_responses_carry_the_json_numbers(client):
+    images = [GOOD, ("b.png", encode(photo(3), "PNG"))]
+    as_json = embed(client, images)
+    assert as_json.status_code == 200 and as_json.headers["content-type"] == "application/json"
+    floats = np.array(as_json.json()["embeddings"], dtype=np.float32)
+    assert floats.shape == (2, 512)
+    for headers in ({"Accept": "*/*"}, {"Accept": "application/json"}):
+        assert np.array_equal(np.array(client.post("/embed", files=[("images", b) for b in images],
+                                                   headers=headers).json()["embeddings"], dtype=np.float32), floats)
+
+    def npy(response: httpx.Response) -> np.ndarray:
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "application/x-npy"
+        assert response.headers["x-barlow-model"] == "run-serve-resnet18" and response.headers["x-barlow-dim"] == "512"
+        return np.load(io.BytesIO(response.content), allow_pickle=False)
+
+    files = [("images", image) for image in images]
+    exact = npy(client.post("/embed", files=files, headers={"Accept": "application/x-npy"}))
+    assert exact.dtype == np.dtype("<f4") and np.array_equal(exact, floats)
+    half = npy(client.post("/embed?dtype=float16", files=files, headers={"Accept": "application/x-npy"}))
+    assert half.dtype == np.dtype("<f2") and half.shape == (2, 512)
+    assert np.abs(half.astype(np.float32) - floats).max() <= 1e-3
+    packed = client.post("/embed?encoding=base64", files=files)
+    assert packed.status_code == 200 and packed.headers["content-type"] == "application/json"
+    body = packed.json()
+    assert body["model"] == "run-serve-resnet18" and body["dim"] == 512 and body["dtype"] == "float32"
+    assert body["shape"] == [2, 512] and np.array_equal(decode_base64_body(body), floats)
+    from_base64_route = client.post("/embed_base64?encoding=base64&dtype=float16", json={
+        "images": [base64.b64encode(blob).decode() for _, blob in images]})
+    assert from_base64_route.status_code == 200, from_base64_route.text
+    assert np.abs(decode_base64_body(from_base64_route.json()).astype(np.float32) - floats).max() <= 1e-3
+    for headers, query, status in (({"Accept": "text/html"}, "", 406),
+                                   ({"Accept": "application/x-npy; dtype=float16"}, "", 406),
+                                   ({}, "?dtype=float16", 422),
+                                   ({"Accept": "application/x-npy"}, "?encoding=base64", 422)):
+        refused = client.post(f"/embed{query}", files=files, headers=headers)
+        assert refused.status_code == status, refused.text
+        assert set(refused.json()) == {"error", "index"} and refused.headers["content-type"] == "application/json"
 
 
 @pytest.mark.gpu
@@ -262,6 +310,22 @@ def test_cuda_session_matches_the_torch_encoder(model, reference):
     assert encoder.providers[0] == "CUDAExecutionProvider"
     images = sample_images()
     assert_close(encoder(np.stack([load_array(blob, 32) for _, blob in images])), expected(reference, images))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_a_device_that_is_not_there_stops_the_server_with_a_reason_and_a_non_zero_exit(model, tmp_path):
+    """BARLOW_DEVICE=cuda on this CPU machine: never ready, the whole server exits non-zero at once
+    (not restarted forever), and the log says why. tests/test_runtime_provider.py covers the ORT-level
+    refusal (a GPU torch sees, a CUDA provider that cannot load) on the same path."""
+    env = {**bentoml_env(tmp_path), "BARLOW_DEVICE": "cuda"}
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"the server exited with code [1-9]\d* before it was ready.*: device cuda "
+                                        r"asked for, but torch sees no CUDA GPU"):
+        start_server(model[1], env=env, log_file=tmp_path / "server.log", timeout=150)
+    assert time.monotonic() - start < 120, "stopped, not left restarting until the timeout"
+    log = (tmp_path / "server.log").read_text(errors="replace")
+    assert "cannot start: device cuda asked for, but torch sees no CUDA GPU" in log, log[-3000:]
+    assert log.count("Application startup failed") <= 4, "the encoder was not restarted again and again"
 
 
 def test_sigterm_drains_in_flight_requests_and_barlow_serve_exits_0(model, tmp_path, reference):
