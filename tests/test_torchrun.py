@@ -202,3 +202,43 @@ def test_killed_worker_restarts_the_group_and_resumes_from_the_checkpoint(tiny_c
     killed, clean = losses(run_dir), losses(two_processes)
     for step in range(1, STEPS + 1):
         assert killed[step] == pytest.approx(clean[step], rel=1e-4), f"step {step}"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the run's progress like the kill test")
+def test_sigterm_to_torchrun_checkpoints_the_current_step_and_the_run_resumes_exactly(tiny_config, two_processes):
+    """A preempted pod: the kubelet's SIGTERM reaches torchrun, which signals each worker's whole process
+    group, DataLoader workers included. The trainer must still write its stop checkpoint at the step it
+    reached (not fall back to the last periodic one), and a re-run finishes on the uninterrupted curve."""
+    from pipeline.train.checkpoint import TRAINING_FORMAT, safe_load
+
+    run_dir = tiny_config.parent / "sigterm"
+    command, env = local_command(2, run_dir, tiny_config)
+    assert "data.workers=0" not in command  # the preset's DataLoader worker is what torchrun's signal used to kill
+    command += ["train.checkpoint_every=1000"]  # no periodic checkpoint to fall back to
+    log = tiny_config.parent / "sigterm.log"
+    with log.open("w") as output:
+        torchrun = subprocess.Popen(command, env=env, cwd=run_dir.parent, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + RUN_TIMEOUT
+            while last_logged_step(run_dir) < 5:
+                assert torchrun.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "no progress in time"
+                time.sleep(0.1)
+            signalled_at = last_logged_step(run_dir)
+            torchrun.send_signal(signal.SIGTERM)
+            torchrun.wait(timeout=120)
+        finally:
+            if torchrun.poll() is None:
+                torchrun.kill()
+                torchrun.wait()
+    text = log.read_text()
+    assert "killed by signal" not in text, text[-3000:]
+    assert "checkpointing and stopping" in text, text[-3000:]
+    stopped_at = safe_load(run_dir / "checkpoints/last.pt", TRAINING_FORMAT)["step"]
+    assert signalled_at <= stopped_at == last_logged_step(run_dir) < STEPS, (signalled_at, stopped_at)
+
+    resumed = subprocess.run(command, env=env, cwd=run_dir.parent, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert resumed.returncode == 0 and f"at step {stopped_at} of" in resumed.stderr, resumed.stderr[-3000:]
+    interrupted, clean = losses(run_dir), losses(two_processes)
+    for step in range(1, STEPS + 1):
+        assert interrupted[step] == pytest.approx(clean[step], rel=1e-4), f"step {step}"

@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import random
+import signal
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -454,6 +455,18 @@ class _RoleStreams(torch.utils.data.IterableDataset):
             stream.close()
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: SIGTERM and SIGINT are for the trainer, not its workers.
+
+    torchrun (and a terminal's Ctrl-C) signal the trainer's whole process group. A worker would die
+    at once (torch's worker handler re-raises any SIGTERM not sent by its parent), and the trainer
+    would fail on the dead worker before it could write its stop checkpoint. Ignored here, the
+    workers keep feeding until the trainer checkpoints and shuts them down itself.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class TrainLoader:
     """Iterable of exactly `steps - start_step` items (view1 [B,...], view2 [B,...], n_seen, n_corrupt),
     or `EncodedBatch`es when the stream has no transform."""
@@ -471,7 +484,7 @@ class TrainLoader:
             return
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
-            persistent_workers=False,
+            persistent_workers=False, worker_init_fn=ignore_stop_signals,
             # Its own generator: creating the loader must not advance the trainer's global torch RNG.
             generator=torch.Generator().manual_seed(derive_seed("loader", self.dataset.seed, self.dataset.epoch)),
         )
