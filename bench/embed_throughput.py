@@ -102,9 +102,9 @@ def write_jpeg_shards(out: Path, count: int, blobs: list[bytes]) -> Path:
 
 def raw_images_per_s(model_dir: Path, provider: str, batch: int, seconds: float) -> tuple[float, list[str]]:
     """ONNX Runtime alone on ready uint8 batches, after warm-up."""
-    from pipeline.runtime import OnnxModel
+    from pipeline.runtime import OnnxModel, resolve_model_dir
 
-    encoder = OnnxModel(model_dir, provider, max_batch=batch)
+    encoder = OnnxModel(resolve_model_dir(model_dir), provider, max_batch=batch)
     images = np.random.default_rng(0).integers(0, 256, (batch, 3, encoder.image_size, encoder.image_size), np.uint8)
     for _ in range(3):
         encoder(images)
@@ -122,9 +122,10 @@ def run_summary(run: dict) -> dict:
 
 def bench_embed(args: argparse.Namespace, work: Path) -> dict:
     from pipeline.embed.embed import embed
+    from pipeline.runtime import resolve_model_dir
 
     model_dir = args.model_dir or random_model(work, args.arch, args.image_size)
-    info = json.loads((Path(model_dir) / "model.json").read_text())
+    info = json.loads((resolve_model_dir(model_dir) / "model.json").read_text())
     blobs = photo_jpegs(min(args.images, DISTINCT_JPEGS), *args.photo_size)
     shards = write_jpeg_shards(work / "shards", args.images, blobs)
     raw, providers = raw_images_per_s(Path(model_dir), args.provider, args.batch_size, args.raw_seconds)

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.devices import gpu_available  # noqa: E402
-from pipeline.runtime import OnnxModel  # noqa: E402
+from pipeline.runtime import OnnxModel, resolve_model_dir  # noqa: E402
 from pipeline.runtime import usable_cpus  # noqa: E402
 from pipeline.serve import start_server  # noqa: E402
 from serving.responses import NPY, json_floats, npy  # noqa: E402
@@ -67,7 +67,7 @@ def jpegs(count: int, image_size: int) -> list[bytes]:
 def raw_throughput(model_dir: Path, batch: int, seconds: float) -> tuple[float, float, list[str]]:
     """Images/s of the session alone, configured as the server configures it: at a fixed batch B,
     and cycling through every size 1..B as adaptive batches do (shape changes can cost on GPUs)."""
-    encoder = OnnxModel(model_dir, os.environ.get("BARLOW_DEVICE", "auto"), max_batch=batch)
+    encoder = OnnxModel(resolve_model_dir(model_dir), os.environ.get("BARLOW_DEVICE", "auto"), max_batch=batch)
     images = np.random.default_rng(0).integers(0, 256, (batch, 3, encoder.image_size, encoder.image_size),
                                                dtype=np.uint8)
     encoder.warm_up(tuple(range(1, batch + 1)))
@@ -207,7 +207,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         model_dir = args.model_dir or random_model(Path(tmp), args.arch, args.image_size)
-        info = json.loads((model_dir / "model.json").read_text())
+        info = json.loads((resolve_model_dir(model_dir) / "model.json").read_text())
         raw, raw_mixed, providers = raw_throughput(model_dir, batch, args.seconds)
         print(f"raw ONNX Runtime ({providers[0]}): {raw:.1f} images/s at batch {batch}", flush=True)
         env = {"BENTOML_HOME": str(Path(tmp) / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",

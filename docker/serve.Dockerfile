@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 # Serving image: `barlow serve` (BentoML + ONNX Runtime) on port 3000, as a numeric non-root user.
-# The model directory (model.onnx + model.json) is mounted at /models/model, or baked in:
+# The MODEL_DIR (current.json + versions/, or one flat version folder: model.onnx + model.json) is mounted
+# at /models/model, or baked in (a version folder, models/barlow/versions/<version>, bakes just that model):
 #   docker build -f docker/serve.Dockerfile -t barlow-serve .
 #   docker build -f docker/serve.Dockerfile --build-arg MODEL_DIR=models/fmnist -t barlow-serve:fmnist .
 #   docker run -p 3000:3000 -v "$PWD/models/fmnist:/models/model:ro" barlow-serve

@@ -94,15 +94,17 @@ def multipart(field: str, filename: str, data: bytes, content_type: str) -> tupl
 
 
 def run(args) -> int:
-    from pipeline.export import export_model, sha256_file
+    from pipeline.export import export_model
+    from pipeline.runtime import POINTER, resolve_model_dir, sha256_file
     from pipeline.serve import start_server
 
     out = Path(args.out)
     run_dir = pretrain(out, args.steps)
 
     model_dir = out / "model"
-    model_json = model_dir / "model.json"
-    if not model_json.exists() or json.loads(model_json.read_text())["source"]["sha256"] != sha256_file(run_dir / "encoder.pt"):
+    exported = (model_dir / POINTER).is_file() and json.loads(
+        (resolve_model_dir(model_dir) / "model.json").read_text())["source"]["sha256"] == sha256_file(run_dir / "encoder.pt")
+    if not exported:
         info = export_model(run_dir, model_dir)
         print(f"MODEL_DIR {model_dir}: {info['name']}, dim {info['dim']}, parity max abs diff "
               f"{info['parity']['max_abs']:.2e}")

@@ -5,9 +5,13 @@ and SIGINT are forwarded to it, so in-flight requests drain before it exits, and
 then exits 0. `start_server` is the same launch for scripts, the demo and tests: it returns once
 /readyz answers 200 (model loaded and one warm-up inference done).
 
-MODEL_DIR and INDEX_DIR may be bucket URLs (s3://, gs://, az://, http(s)): their files are downloaded
-to a local cache first (`storage.local_copy`), since ONNX Runtime and faiss open paths; the server then serves
-the copy. `serving/settings.py` does the same for a BARLOW_MODEL_DIR that is a URL.
+MODEL_DIR is resolved once, here (`runtime.resolve_model_dir`: current.json -> versions/<version>/, or
+a legacy flat folder), and the child gets that version folder as BARLOW_MODEL_DIR: every process of the
+server, a restarted encoder included, loads the same version even when an export flips the pointer while
+it runs. MODEL_DIR and INDEX_DIR may be bucket URLs (s3://, gs://, az://, http(s)): their files are
+downloaded to a local cache first (`storage.local_copy`, just the resolved version), since ONNX Runtime
+and faiss open paths; the server then serves the copy. `serving/settings.py` does the same for a
+BARLOW_MODEL_DIR given to a plain `bentoml serve`.
 """
 
 from __future__ import annotations
@@ -29,12 +33,12 @@ from typing import IO
 from pipeline import storage
 from pipeline.embed.search import local_index
 from pipeline.errors import UserError
+from pipeline.runtime import MODEL_FILES, resolve_model_dir  # noqa: F401  (MODEL_FILES: the files of a version)
 
 logger = logging.getLogger(__name__)
 
 SERVICE = "serving.service:Embedder"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # where the `serving` package lives
-MODEL_FILES = ("model.onnx", "model.json")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -45,10 +49,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def server_env(model_dir: str | Path, index_dir: str | Path | None = None,
                extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The child's environment: ours, plus the BARLOW_* contract and a quiet BentoML. Bucket URLs are
-    downloaded first (`storage.local_copy`) and the child serves the local copies."""
-    model_dir = storage.local_copy(model_dir, MODEL_FILES).resolve()
-    if not (model_dir / "model.onnx").is_file() or not (model_dir / "model.json").is_file():
+    """The child's environment: ours, plus the BARLOW_* contract and a quiet BentoML. MODEL_DIR is resolved
+    to one version folder (bucket URLs downloaded first), which the child serves."""
+    if not storage.exists(model_dir):
+        raise UserError(f"{model_dir} is not a MODEL_DIR (current.json or model.onnx + model.json); "
+                        "run barlow export first")
+    model_dir = resolve_model_dir(model_dir)
+    if not (model_dir / "model.json").is_file():
         raise UserError(f"{model_dir} is not a MODEL_DIR (model.onnx + model.json); run barlow export first")
     env = dict(os.environ)
     env["BARLOW_MODEL_DIR"] = str(model_dir)

@@ -32,7 +32,9 @@ def error(description: str, headers: dict[str, Any] | None = None) -> dict[str, 
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
 ERRORS = {
     "400": error("An image is not a decodable image, or the body (multipart, JSON, base64) or the Accept header "
-                 "is malformed"),
+                 "is malformed. Headers are checked before anything is queued; where JPEGs are decoded in the "
+                 "encoder (BARLOW_DECODE=encoder, or auto on a GPU) a JPEG whose data is corrupt is found there, "
+                 "and fails its own request only"),
     "408": error("The request body did not arrive within BARLOW_BODY_TIMEOUT_S"),
     "413": error("Body larger than BARLOW_MAX_BODY_MB, more than BARLOW_MAX_IMAGES images, or an image larger "
                  "than BARLOW_MAX_PIXELS"),
@@ -148,6 +150,8 @@ SCHEMAS = {
     "ModelInfo": {"type": "object", "required": ["name", "dim", "image_size", "runtime"], "properties": {
         "name": {"type": "string"}, "dim": {"type": "integer"}, "image_size": {"type": "integer"},
         "precision": {"type": "string", "description": "absent: fp32"},
+        "version": {"type": "string", "description": "the MODEL_DIR version this server resolved at start"},
+        "onnx_sha256": {"type": "string", "description": "sha256 of the version's model.onnx"},
         "runtime": {"type": "object", "nullable": True,
                     "description": "what runs the model in the encoder process; null until the service is ready",
                     "required": ["provider", "providers", "device", "precision"], "properties": {
@@ -155,7 +159,10 @@ SCHEMAS = {
                         "providers": {"type": "array", "items": {"type": "string"}},
                         "device": {"type": "string", "enum": ["cpu", "cuda", "tensorrt"]},
                         "requested_device": {"type": "string", "description": "BARLOW_DEVICE"},
-                        "precision": {"type": "string"}}}}},
+                        "precision": {"type": "string", "enum": ["fp32", "fp16"]},
+                        "version": {"type": "string", "nullable": True},
+                        "file": {"type": "string", "description": "model.onnx or model-fp16.onnx: the file loaded"},
+                        "sha256": {"type": "string", "description": "sha256 of the file loaded"}}}}},
 }
 PROBES = {  # what BentoML's probes answer besides its documented 200
     "/readyz": {"503": {"description": "Not ready: warming up, or the encoder is restarting",

@@ -23,6 +23,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from pipeline.data.device_decode import Header, Item, device_decodable, read_header
 from pipeline.data.preprocess import FORMATS, BadImage, load_array
 
 JSON_FIELDS = ("images", "normalize")
@@ -179,3 +180,30 @@ def preprocess_all(images: list[bytes], size: int, max_pixels: int) -> np.ndarra
         except BadImage as exc:
             raise RequestError(exc.status, exc.reason, f"image {index}: {exc}", index) from None
     return np.stack(arrays)
+
+
+def check_headers(images: list[bytes], max_pixels: int) -> list[Header]:
+    """Each image's header (format, size, EXIF orientation; no pixel decoded): a request with an image that
+    is not one, or has more than `max_pixels`, gets its 4xx here, before anything is queued."""
+    headers = []
+    for index, data in enumerate(images):
+        try:
+            headers.append(read_header(data, max_pixels))
+        except BadImage as exc:
+            raise RequestError(exc.status, exc.reason, f"image {index}: {exc}", index) from None
+    return headers
+
+
+def encoder_items(images: list[bytes], headers: list[Header], size: int, max_pixels: int) -> list[Item]:
+    """BARLOW_DECODE=encoder: what goes to the encoder per image: a JPEG it can decode on its device as
+    (bytes, EXIF orientation), anything else decoded here by load_array (the first bad one fails the request)."""
+    items: list[Item] = []
+    for index, (data, header) in enumerate(zip(images, headers)):
+        if device_decodable(header, data):
+            items.append((data, header.orientation))
+            continue
+        try:
+            items.append(load_array(data, size, max_pixels))
+        except BadImage as exc:
+            raise RequestError(exc.status, exc.reason, f"image {index}: {exc}", index) from None
+    return items

@@ -1,18 +1,23 @@
 """The /embed API: `bentoml serve serving.service:Embedder` (configured by BARLOW_* variables).
 
-Two BentoML services. `Embedder` (public) owns the HTTP surface: auth, parsing and image decoding
-happen in its request handlers, so only valid arrays go further. `BatchedModel` (a dependency, its own
-process on a private unix socket) holds the ONNX Runtime session behind a `batchable` API: BentoML
-merges concurrent requests into adaptive batches there, and one client's bad image can never fail a
-batch it shares with others. /embed and /embed_base64 are plain Starlette routes mounted on the
-service, because BentoML's typed multipart inputs answer some malformed bodies with 500 (and fetch
-URLs given in file fields); /readyz, /livez, /metrics are BentoML's own, and /docs.json is
-BentoML's OpenAPI document with these routes added (serving/openapi.py). Overload, slow uploads and
-a restarting model process get 503/408 JSON answers at once (serving/limits.py says what bounds what).
-Responses are JSON floats, or .npy / base64 on request (serving/responses.py). A model process that
-cannot start (e.g. BARLOW_DEVICE=cuda and no working CUDA provider) stops the whole server with a
-non-zero exit instead of being restarted forever (serving/startup.py); /model and the
-barlow_encoder_info metric say which provider, device and precision actually run.
+Two BentoML services. `Embedder` (public) owns the HTTP surface: auth, parsing and image decoding happen
+in its request handlers, so only valid arrays go further. `BatchedModel` (a dependency, its own process
+on a private unix socket) holds the ONNX Runtime session behind `batchable` APIs: BentoML merges
+concurrent requests into adaptive batches there, and one client's bad image can never fail a batch it
+shares with others. Each Embedder worker first merges its own concurrent requests into one encoder call
+(serving/microbatch.py). BARLOW_DECODE=encoder (auto: on CUDA/TensorRT) moves JPEG decoding into
+BatchedModel (pipeline/data/device_decode.py, nvJPEG on a GPU): the workers still check every header, so
+a bad image is refused before anything is queued, and send JPEG bytes instead of arrays; a JPEG that
+only the decoder finds corrupt comes back as a per-image error, failing its own request only. /embed and
+/embed_base64 are plain Starlette routes mounted on the service, because BentoML's typed multipart
+inputs answer some malformed bodies with 500 (and fetch URLs given in file fields); /readyz, /livez,
+/metrics are BentoML's own, and /docs.json is BentoML's OpenAPI document with these routes added
+(serving/openapi.py). Overload, slow uploads and a restarting model process get 503/408 JSON answers at
+once (serving/limits.py says what bounds what). Responses are JSON floats, or .npy / base64 on request
+(serving/responses.py). A model process that cannot start (e.g. BARLOW_DEVICE=cuda and no working CUDA
+provider) stops the whole server with a non-zero exit instead of being restarted forever
+(serving/startup.py); /model and the barlow_encoder_info metric say which provider, device and precision
+actually run.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from pipeline.data.device_decode import device_decodable, sample_jpeg
 from pipeline.errors import UserError
 from pipeline.runtime import OnnxModel, l2_normalize, load_model_info, usable_cpus
 from serving import metrics
@@ -37,8 +43,9 @@ from serving.batching import GPU_PROVIDERS, bucket_for, bucket_sizes, pad_rows
 from serving.drain import IdleDrain
 from serving.limits import Admission, Gate, Unavailable, body_deadline
 from serving.openapi import openapi_document
-from serving.requests import (EmbedRequest, RequestError, check_body_size, check_token, header_pixels,
-                              parse_base64_json, parse_multipart, preprocess_all, read_body)
+from serving.microbatch import MicroBatcher
+from serving.requests import (EmbedRequest, RequestError, check_body_size, check_headers, check_token, encoder_items,
+                              header_pixels, parse_base64_json, parse_multipart, preprocess_all, read_body)
 from serving.responses import ResponseFormat, negotiate, render
 from serving.search import open_index, search
 from serving.settings import settings_from_env
@@ -64,6 +71,15 @@ NO_RUNNER_PROBE = {"enabled": False, "timeout": READY_TIMEOUT_S, "period": 10}
 WARM_UP_TIMEOUT_S = 15
 
 
+def decode_place(setting: str, provider: str) -> str:
+    """BARLOW_DECODE resolved: `worker` or `encoder`; auto decodes in the encoder when it runs on a GPU
+    (nvJPEG there is far faster than PIL in the workers), else in the workers (on a CPU the encoder's
+    CPUs are the model's, and the workers' decoding runs beside it)."""
+    if setting != "auto":
+        return setting
+    return "encoder" if provider in GPU_PROVIDERS else "worker"
+
+
 @bentoml.service(name="barlow-batched-model", workers=1, threads=1, traffic={"timeout": TIMEOUT_S},
                  runner_connection=NEVER_REFRESH)
 class BatchedModel:
@@ -72,7 +88,8 @@ class BatchedModel:
     def __init__(self) -> None:
         settings = SETTINGS
         try:
-            self.model = OnnxModel(settings.served_model_dir(), settings.device, settings.threads, settings.max_batch)
+            self.model = OnnxModel(settings.served_model_dir(), settings.device, settings.threads, settings.max_batch,
+                                   precision=settings.precision)
         except UserError as exc:  # a restart cannot fix it: stop the server rather than loop, never ready
             stop_server(str(exc))
             raise
@@ -81,6 +98,10 @@ class BatchedModel:
         pad = settings.pad_batches if settings.pad_batches >= 0 else self.model.provider in GPU_PROVIDERS
         self.buckets = bucket_sizes(settings.max_batch) if pad else ()
         self.model.warm_up(self.buckets or (1,))
+        Image.MAX_IMAGE_PIXELS = settings.max_pixels  # the PIL fallback of encoder decoding agrees with the workers
+        self.decode_device = None
+        if decode_place(settings.decode, self.model.provider) == "encoder":
+            self.warm_decoder()
         self.drain = IdleDrain(limit_s=TIMEOUT_S)
         self.drain.install()  # outlive SIGTERM until the Embedder's in-flight requests got their embeddings
 
@@ -95,6 +116,47 @@ class BatchedModel:
         metrics.INFERENCE_SECONDS.observe(time.perf_counter() - start)
         metrics.BATCH_SIZE.observe(count)
         return embeddings
+
+    def warm_decoder(self) -> None:
+        """Pick the decode device (the model's) and run the first decode (nvJPEG sets itself up) and
+        the IO-bound inference at every warmed batch shape, before any client waits on them."""
+        import torch
+
+        self.decode_device = torch.device("cuda" if self.model.provider in GPU_PROVIDERS else "cpu")
+        start = time.perf_counter()
+        for rows in self.buckets or (1,):
+            self.decode_and_embed([(sample_jpeg(), 1)], rows)
+        logger.info("decoding JPEGs in the encoder on %s (warm-up %.2f s)", self.decode_device,
+                    time.perf_counter() - start)
+
+    def decode_and_embed(self, items: list, rows: int) -> list:
+        """Items -> per item a float32 [D] embedding, or a {status, reason, message} dict for an image that
+        could not be decoded (its row is computed and dropped: the batch goes on without it)."""
+        from pipeline.data.device_decode import decode_batch
+
+        if self.decode_device is None:  # BARLOW_DECODE=worker here, yet a worker sent bytes: serve it anyway
+            self.warm_decoder()
+        start = time.perf_counter()
+        images, errors = decode_batch(items, self.model.image_size, self.decode_device, rows,
+                                      SETTINGS.max_pixels)
+        decoded = time.perf_counter()
+        embeddings = self.model.embed_tensor(images)[: len(items)].cpu().numpy()
+        metrics.INFERENCE_SECONDS.observe(time.perf_counter() - decoded)
+        logger.debug("decoded %d images in the encoder in %.1f ms", len(items), 1000 * (decoded - start))
+        return [{"status": errors[i].status, "reason": errors[i].reason, "message": str(errors[i])}
+                if i in errors else embeddings[i] for i in range(len(items))]
+
+    @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch, max_latency_ms=SETTINGS.max_latency_ms)
+    def encode_items(self, items: list) -> list:
+        """BARLOW_DECODE=encoder: each item a JPEG (bytes, EXIF orientation) decoded here on the model's
+        device, or a uint8 [3, S, S] array a worker decoded (pipeline/data/device_decode.py). BentoML merges
+        the lists of all workers into one batch (its pickle transport carries bytes and arrays as they are);
+        per-item failures come back as values, so no image fails the batch it shares."""
+        count = len(items)
+        with self.drain.active():
+            results = self.decode_and_embed(items, bucket_for(count, self.buckets) if self.buckets else count)
+        metrics.BATCH_SIZE.observe(count)
+        return results
 
     @bentoml.api
     def runtime(self) -> dict:
@@ -160,7 +222,7 @@ api = Starlette(routes=[
 ])
 
 
-@bentoml.service(name="barlow-embed", workers=SETTINGS.workers, traffic={"timeout": TIMEOUT_S},
+@bentoml.service(name="barlow-embed", workers=SETTINGS.http_workers(), traffic={"timeout": TIMEOUT_S},
                  runner_probe=NO_RUNNER_PROBE)
 @bentoml.asgi_app(Gate(api, current_admission, ("/embed", "/embed_base64")), path="/")
 class Embedder:
@@ -179,6 +241,9 @@ class Embedder:
         self.name, self.dim, self.size = self.info["name"], int(self.info["dim"]), int(self.info["image_size"])
         Image.MAX_IMAGE_PIXELS = self.settings.max_pixels  # Pillow's own bomb guard agrees with ours
         self.decoders = anyio.CapacityLimiter(usable_cpus())  # decoding is CPU-bound: no more threads than CPUs
+        # Concurrent requests of this worker share encoder calls (serving/microbatch.py), arrays or items.
+        self.arrays = MicroBatcher(self.encode_arrays, self.settings.max_batch)
+        self.items = MicroBatcher(self.encode_items, self.settings.max_batch)
         self.admission = Admission(self.settings.inflight_limit, self.settings.max_queue_ms / 1000,
                                    min_limit=self.settings.max_batch)
         self.search_index = open_index(self.settings.index_dir, self.info)  # None: /search answers 404
@@ -209,12 +274,22 @@ class Embedder:
                     async with asyncio.timeout(WARM_UP_TIMEOUT_S):
                         await self.model.to_async.encode(np.zeros((1, 3, self.size, self.size), dtype=np.uint8))
                         self.runtime = self.runtime or await self.model.to_async.runtime()
+                        if self.decode_place() == "encoder":  # the bytes path too, with a real JPEG
+                            await self.model.to_async.encode_items([(sample_jpeg(), 1)])
                     self.warm = True
-                    logger.info("the encoder runs %s on %s (%s)", self.runtime["provider"], self.runtime["device"],
-                                self.runtime["precision"])
+                    logger.info("the encoder runs %s on %s (%s); images are decoded in the %s",
+                                self.runtime["provider"], self.runtime["device"], self.runtime["precision"],
+                                self.decode_place())
                 except Exception as exc:  # the model process is still starting
                     logger.info("encoder not ready yet: %r", exc)
         return self.warm
+
+    def decode_place(self) -> str:
+        """`worker` or `encoder` (BARLOW_DECODE); auto is `worker` until the encoder said what it runs."""
+        provider = (self.runtime or {}).get("provider", "")
+        if self.settings.decode == "auto" and not provider:
+            return "worker"
+        return decode_place(self.settings.decode, provider)
 
     async def encoder_runtime(self) -> dict | None:
         """What the encoder runs, asked once (at warm-up, or here for a worker that no probe reached)."""
@@ -237,17 +312,30 @@ class Embedder:
         return error.response()
 
     async def encode(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N, 3, S, S] -> float32 [N, D], through this worker's micro-batcher into the batched model."""
+        return np.stack(await self.arrays.submit(list(images)))
+
+    async def encode_arrays(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """One micro-batch of arrays -> their embeddings (BatchedModel.encode)."""
+        return list(await self.call_encoder("encode", np.stack(arrays)))
+
+    async def encode_items(self, items: list) -> list:
+        """One micro-batch of items -> per item an embedding or an error dict (BatchedModel.encode_items)."""
+        return await self.call_encoder("encode_items", items)
+
+    async def call_encoder(self, method: str, payload):
         """The batched model; one retry when a pooled connection was closed by the other side
         (its keep-alive is shorter than the client's, or it was restarted), which is safe because
         encoding is pure. Raises Unavailable (503) when the batcher sheds or the model process is gone."""
         import aiohttp
 
+        api = getattr(self.model.to_async, method)
         try:
             try:
-                return await self.model.to_async.encode(images)
+                return await api(payload)
             except aiohttp.ClientConnectionError as exc:
                 logger.info("retrying once after a dropped encoder connection: %s", exc)
-                return await self.model.to_async.encode(images)
+                return await api(payload)
         except (aiohttp.ClientError, OSError):
             logger.exception("the encoder is unreachable")
             raise Unavailable("encoder_unreachable", "the encoder is restarting; retry shortly") from None
@@ -266,9 +354,32 @@ class Embedder:
         metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - start)
         return arrays
 
+    async def embed(self, images: list[bytes]) -> np.ndarray:
+        """Image bytes -> float32 [N, D]: decoded here (PIL) and encoded, or with BARLOW_DECODE=encoder
+        checked here (headers; non-JPEGs decoded) and decoded in the encoder. A bad image is a RequestError
+        for this request, raised before anything is queued or when the encoder reports it."""
+        if self.settings.decode == "auto" and self.runtime is None:
+            await self.encoder_runtime()  # a worker no readiness probe reached asks once what the encoder runs
+        if self.decode_place() != "encoder":
+            return await self.encode(await self.decode(images))
+        start = time.perf_counter()
+        headers = check_headers(images, self.settings.max_pixels)
+        here = sum(h.pixels for h, data in zip(headers, images) if not device_decodable(h, data))
+        if here <= self.settings.inline_pixels:
+            items = encoder_items(images, headers, self.size, self.settings.max_pixels)
+        else:
+            items = await anyio.to_thread.run_sync(encoder_items, images, headers, self.size,
+                                                   self.settings.max_pixels, limiter=self.decoders)
+        metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - start)
+        results = await self.items.submit(items)
+        for index, result in enumerate(results):
+            if isinstance(result, dict):  # decoded in the encoder: the header was fine, the pixels are not
+                raise RequestError(result["status"], result["reason"], f"image {index}: {result['message']}", index)
+        return np.stack(results)
+
     async def respond(self, request: EmbedRequest, fmt: ResponseFormat = ResponseFormat()) -> Response:
         with self.admission.admit(len(request.images)):  # 503 at once when this worker is full
-            embeddings = await self.encode(await self.decode(request.images))
+            embeddings = await self.embed(request.images)
         if request.normalize:
             embeddings = l2_normalize(embeddings)
         body, media_type, headers = render(fmt, self.name, self.dim, embeddings)

@@ -2,8 +2,12 @@
 
 `barlow serve`, a Bento and a Kubernetes Deployment configure the service the same way, through
 these variables; each has one default, the field's below. A bad value stops startup with one sentence.
-BARLOW_MODEL_DIR and BARLOW_INDEX_DIR may be bucket URLs: they are downloaded to a local cache
-($BARLOW_CACHE_DIR) at startup, so a pod can serve a model straight from a bucket.
+BARLOW_MODEL_DIR is resolved to one version folder (`runtime.resolve_model_dir`: current.json ->
+versions/<version>/) by the first process that reads it, which writes the resolved folder back into
+its environment: the service processes BentoML starts afterwards, a restarted encoder included, inherit
+it, so a pointer flip while the server runs never splits it across two models (`barlow serve` resolves
+before starting BentoML). BARLOW_MODEL_DIR and BARLOW_INDEX_DIR may be bucket URLs: they are downloaded
+to a local cache ($BARLOW_CACHE_DIR) at startup, so a pod can serve a model straight from a bucket.
 The offline commands (`barlow embed`, `barlow search`) take flags instead and never read them.
 """
 
@@ -19,10 +23,12 @@ from pipeline.data.preprocess import DEFAULT_MAX_PIXELS
 from pipeline.devices import RUNTIME_DEVICES
 from pipeline.embed.search import local_index
 from pipeline.errors import UserError
-from pipeline.serve import MODEL_FILES
+from pipeline.runtime import POINTER, PRECISIONS, resolve_model_dir, usable_cpus
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the Bento's src/ when served from a Bento
 BUNDLED_MODEL = "models/current"  # where bentofile.yaml packs the MODEL_DIR
+MODEL_DIR_ENV = "BARLOW_MODEL_DIR"
+DECODE_PLACES = ("auto", "worker", "encoder")
 
 
 @dataclass(frozen=True)
@@ -32,12 +38,17 @@ class Settings:
     # BARLOW_DEVICE: auto (CUDA when torch sees a GPU) | cpu | cuda | tensorrt; cuda and tensorrt stop the
     # server at startup unless that ONNX Runtime provider is the one running (no silent CPU fallback)
     device: str = "auto"
+    # BARLOW_PRECISION: auto (model-fp16.onnx on a GPU provider when the export wrote it, else model.onnx)
+    # | fp32 | fp16 (refused at startup without model-fp16.onnx or a GPU provider)
+    precision: str = "auto"
     api_token: str = ""  # BARLOW_API_TOKEN: non-empty: /embed, /embed_base64, /search need `Bearer <token>`
     max_images: int = 64  # BARLOW_MAX_IMAGES: per request
     max_pixels: int = DEFAULT_MAX_PIXELS  # BARLOW_MAX_PIXELS: per image, checked before decoding
     max_body_mb: int = 256  # BARLOW_MAX_BODY_MB: per request body
     threads: int = 0  # BARLOW_THREADS: ONNX Runtime intra-op threads on CPU; 0: the CPUs this process may use
-    workers: int = 1  # BARLOW_WORKERS: HTTP worker processes
+    # BARLOW_WORKERS: HTTP worker processes; 0: one per usable CPU but one, which the encoder process
+    # keeps (http_workers says why)
+    workers: int = 0
     max_batch: int = 64  # BARLOW_MAX_BATCH: largest adaptive batch
     # BARLOW_MAX_LATENCY_MS: a shedding bound (a request that cannot meet it gets 503), not a wait:
     # BentoML waits only as long as its fitted cost model says a fuller batch pays off.
@@ -51,10 +62,20 @@ class Settings:
     # costs more than decoding a small image); bigger ones in a decoder thread.
     inline_pixels: int = 2_000_000
     pad_batches: int = -1  # BARLOW_PAD_BATCHES: 1/0 pad batches to warmed bucket shapes; -1: on GPU providers
+    # BARLOW_DECODE: where images are decoded: worker (PIL in the HTTP workers) | encoder (JPEGs on the
+    # model's device, pipeline/data/device_decode.py) | auto (encoder when it runs CUDA/TensorRT)
+    decode: str = "auto"
 
     @property
     def inflight_limit(self) -> int:
         return self.max_inflight_images or 2 * self.max_batch
+
+    def http_workers(self) -> int:
+        """BARLOW_WORKERS, or with 0 the usable CPUs less one (at least 1). Each worker is one event loop on
+        one CPU (parsing, header checks, PIL decoding in worker mode, JSON); the CPU left over is the
+        encoder process's, which must never wait for one to feed the GPU (unpickling, nvJPEG's host-side
+        Huffman decoding, kernel launches). On a CPU-only host the workers mostly wait on inference."""
+        return self.workers or max(1, usable_cpus() - 1)
 
     def served_model_dir(self) -> Path:
         if self.model_dir is None:
@@ -83,24 +104,41 @@ def env_int(name: str, default: int, minimum: int = 1) -> int:
 
 def settings_from_env() -> Settings:
     model_dir = os.environ.get("BARLOW_MODEL_DIR", "").strip()
-    if not model_dir and (PROJECT_ROOT / BUNDLED_MODEL / "model.json").is_file():
+    bundled = PROJECT_ROOT / BUNDLED_MODEL
+    if not model_dir and ((bundled / "model.json").is_file() or (bundled / POINTER).is_file()):
         model_dir = BUNDLED_MODEL  # a Bento served with `bentoml serve TAG` does not get its envs
     device = os.environ.get("BARLOW_DEVICE", "").strip().lower() or DEFAULTS["device"]
     if device not in RUNTIME_DEVICES:
         raise UserError(f"BARLOW_DEVICE must be one of {', '.join(RUNTIME_DEVICES)}, not {device!r}")
+    precision = os.environ.get("BARLOW_PRECISION", "").strip().lower() or DEFAULTS["precision"]
+    if precision not in PRECISIONS:
+        raise UserError(f"BARLOW_PRECISION must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     index_dir = os.environ.get("BARLOW_INDEX_DIR", "").strip()
+    decode = os.environ.get("BARLOW_DECODE", "").strip().lower() or DEFAULTS["decode"]
+    if decode not in DECODE_PLACES:
+        raise UserError(f"BARLOW_DECODE must be one of {', '.join(DECODE_PLACES)}, not {decode!r}")
     ints = {name: env_int(f"BARLOW_{name.upper()}", DEFAULTS[name], minimum)
             for name, minimum in (("max_images", 1), ("max_pixels", 1), ("max_body_mb", 1), ("threads", 0),
-                                  ("workers", 1), ("max_batch", 1), ("max_latency_ms", 1),
+                                  ("workers", 0), ("max_batch", 1), ("max_latency_ms", 1),
                                   ("max_inflight_images", 0), ("max_queue_ms", 0), ("body_timeout_s", 1),
                                   ("inline_pixels", 0), ("pad_batches", -1))}
-    if storage.is_url(model_dir):
-        model_dir = str(storage.local_copy(model_dir, MODEL_FILES))
+    served = pin_model_dir(model_dir) if model_dir else None
     if storage.is_url(index_dir):
         index_dir = str(local_index(index_dir))
-    return Settings(model_dir=resolve_dir(model_dir) if model_dir else None,
-                    index_dir=Path(index_dir) if index_dir else None, device=device,
+    return Settings(model_dir=served, index_dir=Path(index_dir) if index_dir else None, device=device,
+                    precision=precision, decode=decode,
                     api_token=os.environ.get("BARLOW_API_TOKEN", "").strip(), **ints)
+
+
+def pin_model_dir(value: str) -> Path:
+    """The version folder BARLOW_MODEL_DIR resolves to, written back to BARLOW_MODEL_DIR so that every
+    process started from this one loads that version (a resolved folder resolves to itself). A local
+    folder without current.json is taken as it is; loading it says what is missing."""
+    folder = resolve_dir(value) if not storage.is_url(value) else None
+    if folder is None or (folder / POINTER).is_file():
+        folder = resolve_model_dir(folder or value)
+    os.environ[MODEL_DIR_ENV] = str(folder)
+    return folder
 
 
 def resolve_dir(value: str) -> Path:

@@ -16,16 +16,18 @@ from helpers_serving import make_run_dir
 
 
 def shared_model(tmp_path_factory) -> Path:
-    """A MODEL_DIR (fmnist preset: ResNet-18, 32 px, dim 512, random weights) exported once per session.
+    """The model folder (fmnist preset: ResNet-18, 32 px, dim 512, random weights) exported once per session:
+    the version folder its MODEL_DIR's current.json names, itself a flat MODEL_DIR.
 
     Kept under the session's base temp folder, so test_embed and test_index share one export.
     """
     from pipeline.export import export_model
+    from pipeline.runtime import POINTER, resolve_model_dir
 
     root = tmp_path_factory.getbasetemp() / "shared-embed-model"
-    if not (root / "model" / "model.json").is_file():
+    if not (root / "model" / POINTER).is_file():
         export_model(make_run_dir(root / "run-embed"), root / "model")
-    return root / "model"
+    return resolve_model_dir(root / "model")
 
 
 def shared_embeddings(tmp_path_factory, model_dir: Path, shards: Path) -> Path:

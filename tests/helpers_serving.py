@@ -34,12 +34,14 @@ def make_run_dir(run_dir: Path, preset: str = "fmnist", seed: int = 0) -> Path:
 
 
 def exported_model(base: Path, name: str) -> tuple[Path, Path]:
-    """A random fmnist-size RUN_DIR (base/run-<name>) and its exported MODEL_DIR (base/model)."""
+    """A random fmnist-size RUN_DIR (base/run-<name>) and the version folder its export into base/model wrote
+    (what base/model/current.json names; a flat MODEL_DIR itself)."""
     from pipeline.export import export_model
+    from pipeline.runtime import resolve_model_dir
 
     run_dir = make_run_dir(base / f"run-{name}")
     export_model(run_dir, base / "model")
-    return run_dir, base / "model"
+    return run_dir, resolve_model_dir(base / "model")
 
 
 def torch_reference(run_dir: Path) -> FeatureExtractor:

@@ -241,10 +241,12 @@ def test_export_to_a_bucket_then_serve_from_it(s3, tmp_path, monkeypatch, capsys
     s3.client().create_bucket(Bucket="models")
     out = "s3://models/m1"
     assert cli.main(["export", str(run_dir), "--out", out]) == 0
-    assert f"to {out}/model.onnx: dim 512" in capsys.readouterr().out
-    assert keys_in(s3, "m1", bucket="models") == ["model.json", "model.onnx"]
-    info = json.loads(storage.read_text(f"{out}/model.json"))
-    assert info["parity"]["max_rel"] <= 1e-4 and info["dim"] == 512
+    assert f"and pointed {out}/current.json at it: dim 512" in capsys.readouterr().out
+    version = json.loads(storage.read_text(f"{out}/current.json"))["version"]
+    assert keys_in(s3, "m1", bucket="models") == ["current.json", f"versions/{version}/model.json",
+                                                  f"versions/{version}/model.onnx"]
+    info = json.loads(storage.read_text(f"{out}/versions/{version}/model.json"))
+    assert info["parity"]["max_rel"] <= 1e-4 and info["dim"] == 512 and info["version"] == version
 
     monkeypatch.setenv("BARLOW_CACHE_DIR", str(tmp_path / "cache"))
     env = {"BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}

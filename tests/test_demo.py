@@ -44,7 +44,7 @@ def test_demo_runs_every_stage_serves_and_stops_its_server_on_sigterm(tmp_path, 
     embedded = next(line for line in lines if line.startswith("POST ") and "/embed -> model" in line)
     assert "dim 512" in embedded
     assert any("curl -F images=@" in line and "/search" in line for line in lines)
-    assert (out / "run" / "encoder.pt").is_file() and (out / "model" / "model.onnx").is_file()
+    assert (out / "run" / "encoder.pt").is_file() and (out / "model" / "current.json").is_file()
     manifest = json.loads((out / "search" / "embeddings" / "manifest.json").read_text())
     index = json.loads((out / "search" / "index" / "index.json").read_text())
     assert manifest["count"] == index["count"] == 10_000

@@ -1,4 +1,5 @@
-"""barlow export: one-file ONNX with normalisation inside, model.json, and the parity gate."""
+"""barlow export: one-file ONNX with normalisation inside, model.json, and the parity gate (test_rollout.py:
+versions, the pointer, pruning and fp16)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pipeline import cli
 from pipeline.data.preprocess import load_array
 from pipeline.errors import UserError
 from pipeline.export import check_parity, export_model
+from pipeline.runtime import POINTER, resolve_model_dir
 
 from helpers_serving import make_run_dir, sample_images, torch_reference
 
@@ -24,12 +26,13 @@ def exported(tmp_path_factory):
     base = tmp_path_factory.mktemp("export")
     run_dir = make_run_dir(base / "run-export")
     info = export_model(run_dir, base / "model")
-    return run_dir, base / "model", info
+    return run_dir, resolve_model_dir(base / "model"), info  # the version folder current.json names
 
 
 def test_model_dir_holds_one_onnx_file_and_model_json(exported):
     run_dir, model_dir, info = exported
     assert sorted(p.name for p in model_dir.iterdir()) == ["model.json", "model.onnx"]  # weights inside, no .data
+    assert model_dir.name == info["version"] and model_dir.parent.name == "versions"
     on_disk = json.loads((model_dir / "model.json").read_text())
     assert on_disk == info
     assert info["name"] == "run-export-resnet18" and info["dim"] == 512 and info["image_size"] == 32
@@ -39,6 +42,7 @@ def test_model_dir_holds_one_onnx_file_and_model_json(exported):
     assert info["onnx_sha256"] == hashlib.sha256((model_dir / "model.onnx").read_bytes()).hexdigest()
     assert info["config"]["model"]["arch"] == "resnet18" and info["config"]["views"]["image_size"] == 32
     assert {"torch", "onnx", "onnxruntime-gpu", "python"} <= set(info["versions"])
+    assert info["precisions"] == ["fp32"] and info["fp16"] is None
     parity = info["parity"]
     assert {(c["images"], c["batch"]) for c in parity["checks"]} == {(k, b) for k in ("random", "real") for b in (1, 8)}
     assert 0 < parity["max_abs"] and parity["max_rel"] <= parity["tolerance"] == 1e-4
@@ -74,7 +78,8 @@ def test_parity_gate_fails_with_a_clear_message_and_writes_nothing(exported, tmp
     (out / "model.json").write_text('{"previous": true}')
     with pytest.raises(UserError, match="the export was not written"):
         export_model(run_dir, out, tolerance=0.0)  # ONNX Runtime is never bit-exact with torch here
-    assert sorted(p.name for p in out.iterdir()) == ["model.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "versions"]
+    assert list((out / "versions").iterdir()) == []  # the build folder is gone, nothing was published
     assert json.loads((out / "model.json").read_text()) == {"previous": True}
 
 
@@ -82,6 +87,9 @@ def test_cli_export_reports_parity_and_rejects_a_missing_run(exported, tmp_path,
     run_dir, _, _ = exported
     assert cli.main(["export", str(run_dir), "--out", str(tmp_path / "m")]) == 0
     line = capsys.readouterr().out
-    assert "parity vs torch" in line and "max abs" in line and (tmp_path / "m" / "model.onnx").is_file()
+    assert "parity vs torch" in line and "max abs" in line and f"pointed {tmp_path / 'm' / POINTER} at it" in line
+    assert (resolve_model_dir(tmp_path / "m") / "model.onnx").is_file()
+    assert cli.main(["export", str(run_dir), "--out", str(tmp_path / "x"), "--keep", "0"]) == 2
+    assert "--keep must be at least 1" in capsys.readouterr().err
     assert cli.main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "encoder.pt" in capsys.readouterr().err

@@ -22,7 +22,7 @@ import torch
 
 from pipeline import devices
 from pipeline.errors import UserError
-from pipeline.runtime import MODEL_FORMAT, OnnxModel, check_active
+from pipeline.runtime import FP16_FILE, MODEL_FORMAT, OnnxModel, check_active, model_file, sha256_file
 from serving import startup
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +60,25 @@ def test_cpu_runs_and_reports_what_runs(tmp_path):
     images = np.arange(2 * 48, dtype=np.uint8).reshape(2, 3, 4, 4)
     assert np.array_equal(model(images), images.reshape(2, 48).astype(np.float32))
     assert model.runtime() == {"provider": "CPUExecutionProvider", "providers": ["CPUExecutionProvider"],
-                               "device": "cpu", "requested_device": "cpu", "precision": "fp32"}
+                               "device": "cpu", "requested_device": "cpu", "precision": "fp32", "version": None,
+                               "file": "model.onnx", "sha256": sha256_file(tmp_path / "m" / "model.onnx")}
+
+
+def test_the_fp16_file_is_chosen_only_for_a_gpu_provider_that_onnxruntime_has(tmp_path):
+    folder = tiny_model_dir(tmp_path / "m")
+    info = json.loads((folder / "model.json").read_text())
+    both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert model_file(folder, info, "auto", "cuda", both) == ("fp32", folder / "model.onnx")  # no fp16 file
+    (folder / FP16_FILE).write_bytes((folder / "model.onnx").read_bytes())
+    assert model_file(folder, info, "auto", "cuda", both) == ("fp16", folder / FP16_FILE)
+    assert model_file(folder, info, "auto", "tensorrt", ["TensorrtExecutionProvider", *both])[0] == "fp16"
+    assert model_file(folder, info, "auto", "cpu", both) == ("fp32", folder / "model.onnx")
+    assert model_file(folder, info, "auto", "cuda", ["CPUExecutionProvider"])[0] == "fp32"  # CPU-only onnxruntime
+    assert model_file(folder, info, "fp32", "cuda", both)[0] == "fp32"
+    with pytest.raises(UserError, match="fp16 was asked for but the device is cuda without a GPU provider"):
+        model_file(folder, info, "fp16", "cuda", ["CPUExecutionProvider"])
+    with pytest.raises(UserError, match="precision must be one of auto, fp32, fp16"):
+        model_file(folder, info, "half", "cuda", both)
 
 
 def test_precision_comes_from_model_json(tmp_path):

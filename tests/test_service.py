@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.data.preprocess import load_array
 from pipeline.errors import UserError
-from pipeline.runtime import OnnxModel
+from pipeline.runtime import OnnxModel, resolve_model_dir
 from pipeline.serve import PROJECT_ROOT, free_port, start_server, wait_ready
 from serving.responses import decode_base64_body
 
@@ -89,6 +89,20 @@ def assert_close(actual, wanted) -> None:
     assert np.abs(actual - wanted).max() <= TOLERANCE * np.abs(wanted).max()
 
 
+def embed_at_once(url: str, payloads: list[list[tuple[str, bytes]]], token: str | None = None) -> list[httpx.Response]:
+    """One request per payload, all released together (a barrier), so they share encoder batches."""
+    barrier = threading.Barrier(len(payloads))
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def send(payload: list[tuple[str, bytes]]) -> httpx.Response:
+        with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
+            barrier.wait()
+            return embed(http, payload, normalize="false")
+
+    with ThreadPoolExecutor(len(payloads)) as pool:
+        return list(pool.map(send, payloads))
+
+
 def metric_values(http: httpx.Client) -> dict[tuple[str, tuple], float]:
     text = http.get("/metrics").text
     return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
@@ -141,8 +155,11 @@ def test_concurrent_requests_share_adaptive_batches_and_keep_their_own_results(c
             return sum(v for (n, l), v in values.items() if n == metric and labels.items() <= dict(l).items())
         return total(after) - total(before)
 
+    # The worker merges concurrent requests into encoder calls (serving/microbatch.py), BentoML merges
+    # calls into adaptive batches: 48 requests, at most 48 calls, fewer batches.
     batches = delta("bentoml_service_adaptive_batch_size_count", method_name="encode")
-    assert delta("bentoml_service_adaptive_batch_size_sum", method_name="encode") == 48
+    calls = delta("bentoml_service_adaptive_batch_size_sum", method_name="encode")
+    assert batches <= calls <= 48
     assert batches < 48, "concurrent requests were merged into adaptive batches"
     assert delta("barlow_batch_size_sum") == 48 and delta("barlow_batch_size_count") == batches
     assert delta("barlow_images_embedded_total") == 48
@@ -201,16 +218,8 @@ def test_bad_input_gets_a_4xx_json_reason_and_the_server_stays_ready(client, rou
 def test_a_bad_image_does_not_fail_the_requests_batched_with_it(client, server, reference):
     good = [(f"{i}.png", encode(photo(200 + i), "PNG")) for i in range(8)]
     wanted = expected(reference, good)
-    barrier = threading.Barrier(16)
-
-    def send(i: int) -> httpx.Response:
-        payload = [good[i // 2]] if i % 2 == 0 else [("bad.jpg", JPEG[:500])]
-        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as http:
-            barrier.wait()
-            return embed(http, payload, normalize="false")
-
-    with ThreadPoolExecutor(16) as pool:
-        responses = list(pool.map(send, range(16)))
+    payloads = [[good[i // 2]] if i % 2 == 0 else [("bad.jpg", JPEG[:500])] for i in range(16)]
+    responses = embed_at_once(server.url, payloads, TOKEN)
     for i, response in enumerate(responses):
         if i % 2:
             assert response.status_code == 400 and response.json()["index"] == 0
@@ -257,9 +266,11 @@ def test_metrics_expose_the_barlow_families(client, model):
 
 def test_model_route_returns_model_json_and_what_runs_it(client, model):
     body = client.get("/model").json()
+    info = json.loads((model[1] / "model.json").read_text())
     assert body.pop("runtime") == {"provider": "CPUExecutionProvider", "providers": ["CPUExecutionProvider"],
-                                   "device": "cpu", "requested_device": "auto", "precision": "fp32"}
-    assert body == json.loads((model[1] / "model.json").read_text())
+                                   "device": "cpu", "requested_device": "auto", "precision": "fp32",
+                                   "version": info["version"], "file": "model.onnx", "sha256": info["onnx_sha256"]}
+    assert body == info
 
 
 def test_npy_and_base64_responses_carry_the_json_numbers(client):
@@ -394,7 +405,8 @@ def test_bentofile_builds_a_bento_with_the_service_and_the_model(model, tmp_path
     for name in ("serving", "pipeline"):
         shutil.copytree(PROJECT_ROOT / name, context / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(PROJECT_ROOT / "bentofile.yaml", context)
-    shutil.copytree(model_dir, context / "models" / "current")
+    shutil.copytree(model_dir.parent.parent, context / "models" / "current")  # the versioned MODEL_DIR
+    (context / "models" / "current" / "versions" / ".build-killed").mkdir()  # a killed export's leftovers
     env = {**os.environ, **bentoml_env(tmp_path), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     result = subprocess.run([sys.executable, "-m", "bentoml", "build", ".", "--output", "tag"], cwd=context,
                             env=env, capture_output=True, text=True, timeout=300)
@@ -403,5 +415,118 @@ def test_bentofile_builds_a_bento_with_the_service_and_the_model(model, tmp_path
     assert len(bentos) == 1
     src = bentos[0].parent / "src"
     assert (src / "serving" / "service.py").is_file() and (src / "pipeline" / "data" / "preprocess.py").is_file()
-    assert (src / "models" / "current" / "model.onnx").read_bytes() == (model_dir / "model.onnx").read_bytes()
+    bundled = src / "models" / "current"
+    assert sorted(p.name for p in bundled.iterdir()) == ["current.json", "versions"]
+    assert [p.name for p in (bundled / "versions").iterdir()] == [model_dir.name]
+    assert (resolve_model_dir(bundled) / "model.onnx").read_bytes() == (model_dir / "model.onnx").read_bytes()
     assert "serving.service:Embedder" in bentos[0].read_text()
+
+
+# ---------------------------------------------------------------- BARLOW_DECODE=encoder (on the CPU)
+
+MIN_COSINE = 0.999  # encoder-side decoding (torchvision + torch resize) against the PIL path
+
+
+@pytest.fixture(scope="module")
+def encoder_decoding_server(model, tmp_path_factory):
+    """JPEGs decoded in the encoder process (the GPU default; here on CPU tensors), one HTTP worker."""
+    tmp = tmp_path_factory.mktemp("encoder-decode")
+    env = {**bentoml_env(tmp), "BARLOW_DECODE": "encoder", "BARLOW_WORKERS": "1", "BARLOW_MAX_IMAGES": str(MAX_IMAGES),
+           "BARLOW_MAX_PIXELS": str(MAX_PIXELS), "BARLOW_MAX_BATCH": "32"}
+    running = start_server(model[1], env=env, log_file=tmp / "server.log")
+    yield running
+    assert running.stop() == 0, log_tail(running)
+
+
+def cosines(a, b) -> np.ndarray:
+    a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def rotated_jpeg(seed: int, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(photo(seed, size=(120, 70)), "JPEG", exif=exif, quality=92)
+
+
+def test_encoder_decoding_matches_the_torch_encoder_with_a_png_in_the_same_request(encoder_decoding_server,
+                                                                                     reference):
+    images = [("a.jpg", encode(photo(300, size=(640, 480)), "JPEG", quality=90)),
+              ("portrait.jpg", encode(photo(301, size=(90, 160)), "JPEG")),
+              ("rotated6.jpg", rotated_jpeg(302, 6)), ("rotated3.jpg", rotated_jpeg(303, 3)),
+              ("grey.jpg", encode(photo(304, mode="L"), "JPEG")),
+              ("b.png", encode(photo(305), "PNG")), ("cmyk.jpg", encode(photo(306, mode="CMYK"), "JPEG"))]
+    with httpx.Client(base_url=encoder_decoding_server.url, timeout=60) as http:
+        before = metric_values(http)
+        response = embed(http, images, normalize="false")
+        assert response.status_code == 200, response.text
+        got = np.array(response.json()["embeddings"], dtype=np.float32)
+        wanted = expected(reference, images)
+        assert got.shape == wanted.shape and cosines(got, wanted).min() >= MIN_COSINE, cosines(got, wanted)
+        # PNG and CMYK were decoded by PIL in the worker: those rows are the PIL path's, to the export tolerance
+        assert_close(got[5:], wanted[5:])
+        sixth = embed(http, [images[2]], normalize="false").json()["embeddings"]
+        assert cosines(sixth, wanted[2:3])[0] >= MIN_COSINE  # upright, alone as in a batch
+        as_base64 = http.post("/embed_base64", json={"images": [base64.b64encode(b).decode() for _, b in images[:2]],
+                                                     "normalize": False})
+        assert as_base64.status_code == 200 and cosines(as_base64.json()["embeddings"], wanted[:2]).min() >= MIN_COSINE
+        after = metric_values(http)
+
+    def delta(metric: str, **labels) -> float:
+        def total(values):
+            return sum(v for (n, l), v in values.items() if n == metric and labels.items() <= dict(l).items())
+        return total(after) - total(before)
+
+    # three requests, each one call to the encoder's decoding API (the adaptive batcher counts calls) ...
+    assert delta("bentoml_service_adaptive_batch_size_sum", method_name="encode_items") == 3
+    assert delta("bentoml_service_adaptive_batch_size_sum", method_name="encode") == 0
+    assert delta("barlow_batch_size_sum") == len(images) + 1 + 2  # ... carrying every image
+
+
+def test_encoder_decoding_a_corrupt_jpeg_fails_only_its_own_request(encoder_decoding_server, reference):
+    """Truncated JPEGs are refused in the worker (no end marker); a JPEG with a bogus Huffman table passes
+    the header check and fails in the encoder's decode, in a batch shared with good requests."""
+    good = [(f"{i}.jpg", encode(photo(400 + i, size=(200, 150)), "JPEG", quality=90)) for i in range(8)]
+    wanted = expected(reference, good)
+    huffman = bytearray(JPEG)
+    table = JPEG.find(b"\xff\xc4")
+    huffman[table + 5 : table + 21] = b"\xff" * 16
+    bad = [("truncated.jpg", JPEG[: len(JPEG) // 2]), ("huffman.jpg", bytes(huffman))]
+    payloads = [[good[i // 2]] if i % 2 == 0 else [GOOD, bad[(i // 2) % 2]] for i in range(16)]
+    responses = embed_at_once(encoder_decoding_server.url, payloads)
+    for i, response in enumerate(responses):
+        if i % 2:
+            assert response.status_code == 400, response.text
+            body = response.json()
+            assert body["index"] == 1 and "image 1" in body["error"], body
+        else:
+            assert response.status_code == 200, response.text
+            assert cosines(response.json()["embeddings"], wanted[i // 2 : i // 2 + 1])[0] >= MIN_COSINE
+    with httpx.Client(base_url=encoder_decoding_server.url, timeout=60) as http:
+        assert http.get("/readyz").status_code == 200
+        assert embed(http, [("x.jpg", bytes(huffman))]).json()["error"].startswith("image 0: the JPEG image is corrupt")
+        too_big = embed(http, [("big.png", big_png(2000, 1000))])
+        assert too_big.status_code == 413 and too_big.json()["index"] == 0  # refused by the header check
+
+
+def test_one_worker_merges_concurrent_requests_into_fewer_encoder_calls(encoder_decoding_server):
+    images = [(f"{i}.jpg", encode(photo(500 + i), "JPEG")) for i in range(24)]
+    barrier = threading.Barrier(len(images))
+
+    def send(i: int) -> int:
+        with httpx.Client(base_url=encoder_decoding_server.url, timeout=60) as http:
+            barrier.wait()
+            return embed(http, [images[i]]).status_code
+
+    with httpx.Client(base_url=encoder_decoding_server.url, timeout=60) as http:
+        before = metric_values(http)
+        with ThreadPoolExecutor(len(images)) as pool:
+            assert list(pool.map(send, range(len(images)))) == [200] * len(images)
+        after = metric_values(http)
+
+    def calls(values) -> float:  # HTTP calls the encoder process received on its decoding API
+        return sum(v for (n, l), v in values.items() if n == "bentoml_service_request_total"
+                   and dict(l).get("endpoint") == "/encode_items")
+
+    received = calls(after) - calls(before)
+    assert 0 < received < len(images), f"{received} encoder calls for {len(images)} concurrent requests"

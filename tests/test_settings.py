@@ -32,20 +32,22 @@ def test_defaults_without_any_variable(clean_env):
 
 def test_every_variable_is_read(clean_env, tmp_path):
     values = {"BARLOW_MODEL_DIR": str(tmp_path), "BARLOW_INDEX_DIR": str(tmp_path / "i"), "BARLOW_DEVICE": "CPU",
+              "BARLOW_PRECISION": "FP32",
               "BARLOW_API_TOKEN": " t ", "BARLOW_MAX_IMAGES": "3", "BARLOW_MAX_PIXELS": "1e6", "BARLOW_MAX_BODY_MB": "5",
               "BARLOW_THREADS": "2", "BARLOW_WORKERS": "4", "BARLOW_MAX_BATCH": "16", "BARLOW_MAX_LATENCY_MS": "500",
               "BARLOW_MAX_INFLIGHT_IMAGES": "7", "BARLOW_MAX_QUEUE_MS": "0", "BARLOW_BODY_TIMEOUT_S": "9",
-              "BARLOW_INLINE_PIXELS": "0", "BARLOW_PAD_BATCHES": "1"}
+              "BARLOW_INLINE_PIXELS": "0", "BARLOW_PAD_BATCHES": "1", "BARLOW_DECODE": " Encoder "}
     for name, value in values.items():
         clean_env.setenv(name, value)
     assert settings_from_env() == Settings(
-        model_dir=tmp_path.resolve(), index_dir=tmp_path / "i", device="cpu", api_token="t", max_images=3,
+        model_dir=tmp_path.resolve(), index_dir=tmp_path / "i", device="cpu", precision="fp32", api_token="t", max_images=3,
         max_pixels=1_000_000, max_body_mb=5, threads=2, workers=4, max_batch=16, max_latency_ms=500,
-        max_inflight_images=7, max_queue_ms=0, body_timeout_s=9, inline_pixels=0, pad_batches=1)
+        max_inflight_images=7, max_queue_ms=0, body_timeout_s=9, inline_pixels=0, pad_batches=1, decode="encoder")
 
 
 @pytest.mark.parametrize("name, value, message", [
     ("BARLOW_DEVICE", "gpu", "BARLOW_DEVICE must be one of"),
+    ("BARLOW_PRECISION", "half", "BARLOW_PRECISION must be one of auto, fp32, fp16"),
     ("BARLOW_MAX_PIXELS", "lots", "BARLOW_MAX_PIXELS must be an integer"),
     ("BARLOW_MAX_IMAGES", "0", "BARLOW_MAX_IMAGES must be at least 1"),
     ("BARLOW_THREADS", "-1", "BARLOW_THREADS must be at least 0"),
@@ -65,6 +67,7 @@ def test_no_barlow_variable_is_read_outside_the_settings():
         for match in read.finditer(path.read_text()):
             readers.setdefault(match.group(1) or match.group(2), set()).add(str(path.relative_to(REPO)))
     assert readers == {"BARLOW_MODEL_DIR": {"serving/settings.py"}, "BARLOW_DEVICE": {"serving/settings.py"},
+                       "BARLOW_PRECISION": {"serving/settings.py"}, "BARLOW_DECODE": {"serving/settings.py"},
                        "BARLOW_INDEX_DIR": {"serving/settings.py"}, "BARLOW_API_TOKEN": {"serving/settings.py"},
                        "BARLOW_": {"serving/settings.py"},  # the f-string of the integer settings
                        "BARLOW_FASHION_MNIST_DIR": {"pipeline/data/fashion_mnist.py"}}, readers

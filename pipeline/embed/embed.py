@@ -569,7 +569,7 @@ def embed(model_dir: str, data: str, out: str, *, batch_size: int = DEFAULT_BATC
 
     Raises UserError (after writing every part it could) when some shards could not be read.
     """
-    from pipeline.runtime import load_model_info
+    from pipeline.runtime import load_model_info, resolve_model_dir
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
@@ -581,7 +581,7 @@ def embed(model_dir: str, data: str, out: str, *, batch_size: int = DEFAULT_BATC
     storage.check_writable(out)
     if not storage.is_url(out) and storage.local_path(out).exists() and not storage.local_path(out).is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
-    model_dir = storage.local_copy(str(model_dir), ("model.json", "model.onnx"))
+    model_dir = resolve_model_dir(model_dir)  # once: every part of this run comes from one version
     model = model_identity(load_model_info(model_dir))
     listing = list_sources(data)
     storage.make_dirs(out)

@@ -197,11 +197,11 @@ def embed_files(model_dir: Path, paths: list[str | Path], device: str = "auto",
 def search_images(index_dir: str | Path, model_dir: str | Path, images: list[str | Path], k: int = DEFAULT_K,
                   device: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS) -> list[dict[str, Any]]:
     """One record per (query image, neighbour): query, rank, key, source, label, score."""
-    from pipeline.runtime import load_model_info
+    from pipeline.runtime import load_model_info, resolve_model_dir
 
     check_k(k)
     index = SearchIndex(index_dir)
-    model_dir = storage.local_copy(str(model_dir), ("model.json", "model.onnx"))
+    model_dir = resolve_model_dir(model_dir)  # once: the check and the embedding use one version
     index.check_model(load_model_info(model_dir))
     embeddings, _ = embed_files(model_dir, [str(p) for p in images], device, max_pixels)
     results = index.search(embeddings, k)

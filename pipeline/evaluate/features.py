@@ -99,9 +99,10 @@ def random_init_model(model: EvaluatedModel, device: torch.device, seed: int = 0
 def open_model(path: str | Path, device: torch.device) -> EvaluatedModel:
     """MODEL_DIR (model.onnx + model.json, run by ONNX Runtime) or RUN_DIR / encoder.pt (run by torch)."""
     path = Path(path)
-    if (path / "model.onnx").is_file():
-        from pipeline.runtime import OnnxModel
+    if (path / "model.onnx").is_file() or (path / "current.json").is_file():
+        from pipeline.runtime import OnnxModel, resolve_model_dir
 
+        path = resolve_model_dir(path)
         onnx = OnnxModel(path, device="cuda" if device.type == "cuda" else "cpu")
         info = onnx.info
         try:

@@ -1,0 +1,158 @@
+"""serving/microbatch.py: concurrent submissions merged into bounded calls, results split back per request."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serving.microbatch import MicroBatcher
+
+
+class Encoder:
+    """A fake encoder call that records its batches; item "bad" is a per-item error value, "boom" raises."""
+
+    def __init__(self, delay: float = 0.01):
+        self.calls: list[list] = []
+        self.delay = delay
+        self.release: asyncio.Event | None = None
+
+    async def __call__(self, items: list) -> list:
+        self.calls.append(list(items))
+        if self.release is not None:
+            await self.release.wait()
+        await asyncio.sleep(self.delay)
+        if "boom" in items:
+            raise ConnectionError("encoder gone")
+        return [{"error": item} if item == "bad" else item * 10 for item in items]
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def test_an_idle_batcher_sends_at_once_and_a_busy_one_merges_what_arrives_meanwhile():
+    async def scenario():
+        encoder = Encoder(delay=0.05)
+        batcher = MicroBatcher(encoder, max_size=64)
+        first = asyncio.create_task(batcher.submit([1]))
+        await asyncio.sleep(0.01)  # the first call is in flight now
+        assert encoder.calls == [[1]]
+        rest = [asyncio.create_task(batcher.submit([i, i + 100])) for i in range(2, 6)]
+        results = [await first] + [await task for task in rest]
+        return encoder.calls, results
+
+    calls, results = run(scenario())
+    assert calls == [[1], [2, 102, 3, 103, 4, 104, 5, 105]]  # one merged call, in arrival order
+    assert results == [[10], [20, 1020], [30, 1030], [40, 1040], [50, 1050]]
+
+
+def test_requests_in_the_same_loop_turn_share_one_call():
+    async def scenario():
+        encoder = Encoder()
+        batcher = MicroBatcher(encoder, max_size=64)
+        results = await asyncio.gather(*(batcher.submit([i]) for i in range(5)))
+        return encoder.calls, results
+
+    calls, results = run(scenario())
+    assert calls == [[0, 1, 2, 3, 4]] and results == [[0], [10], [20], [30], [40]]
+
+
+def test_calls_never_exceed_max_size_and_big_requests_are_split_and_reassembled_in_order():
+    async def scenario():
+        encoder = Encoder()
+        batcher = MicroBatcher(encoder, max_size=4, max_in_flight=2)
+        results = await asyncio.gather(batcher.submit(list(range(10))), batcher.submit([100, 101, 102]))
+        return encoder.calls, results
+
+    calls, results = run(scenario())
+    assert all(len(call) <= 4 for call in calls)
+    assert sorted(item for call in calls for item in call) == sorted(list(range(10)) + [100, 101, 102])
+    assert results == [[i * 10 for i in range(10)], [1000, 1010, 1020]]
+    assert len(calls) == 4  # 13 items in calls of 4: nothing sent half-empty while more waited
+
+
+def test_full_batches_go_out_while_a_call_is_in_flight_but_partial_ones_wait():
+    async def scenario():
+        encoder = Encoder()
+        encoder.release = asyncio.Event()
+        batcher = MicroBatcher(encoder, max_size=3, max_in_flight=2)
+        tasks = [asyncio.create_task(batcher.submit([0]))]
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(batcher.submit([1])))  # partial: waits for the call in flight
+        await asyncio.sleep(0.02)
+        before_full = [list(call) for call in encoder.calls]
+        tasks.append(asyncio.create_task(batcher.submit([2, 3])))  # 3 waiting = a full call: goes out
+        await asyncio.sleep(0.02)
+        with_full = [list(call) for call in encoder.calls]
+        encoder.release.set()
+        await asyncio.gather(*tasks)
+        return before_full, with_full
+
+    before_full, with_full = run(scenario())
+    assert before_full == [[0]]
+    assert with_full == [[0], [1, 2, 3]]
+
+
+def test_a_bad_item_is_its_own_requests_value_and_a_failed_call_fails_only_its_requests():
+    async def scenario():
+        encoder = Encoder(delay=0.05)
+        batcher = MicroBatcher(encoder, max_size=2, max_in_flight=1)
+        good, bad = await asyncio.gather(batcher.submit([1]), batcher.submit(["bad"]))
+        first = asyncio.create_task(batcher.submit([7]))
+        await asyncio.sleep(0.01)
+        doomed = asyncio.create_task(batcher.submit(["boom", 3]))  # one full call of its own
+        later = asyncio.create_task(batcher.submit([4]))  # the next call
+        outcomes = await asyncio.gather(first, doomed, later, return_exceptions=True)
+        return good, bad, outcomes, encoder.calls
+
+    good, bad, (first, doomed, later), calls = run(scenario())
+    assert good == [10] and bad == [{"error": "bad"}]
+    assert first == [70] and later == [40]
+    assert isinstance(doomed, ConnectionError)
+    assert calls[-2:] == [["boom", 3], [4]]
+
+
+def test_a_failure_in_one_part_of_a_split_request_fails_that_request_once():
+    async def scenario():
+        encoder = Encoder()
+        batcher = MicroBatcher(encoder, max_size=2, max_in_flight=1)
+        with pytest.raises(ConnectionError):
+            await batcher.submit([1, 2, "boom", 4, 5, 6])
+        await asyncio.sleep(0.05)
+        return encoder.calls, batcher.queued, batcher.in_flight
+
+    calls, queued, in_flight = run(scenario())
+    assert calls == [[1, 2], ["boom", 4]]  # the rest of a failed request is not sent
+    assert queued == 0 and in_flight == 0
+
+
+def test_a_cancelled_request_withdraws_its_items_and_does_not_cancel_the_others():
+    async def scenario():
+        encoder = Encoder(delay=0.05)
+        batcher = MicroBatcher(encoder, max_size=8)
+        first = asyncio.create_task(batcher.submit([1]))
+        await asyncio.sleep(0.01)
+        leaving = asyncio.create_task(batcher.submit([2]))
+        staying = asyncio.create_task(batcher.submit([3]))
+        await asyncio.sleep(0.01)
+        leaving.cancel()
+        results = await asyncio.gather(first, staying)
+        return encoder.calls, results, leaving.cancelled()
+
+    calls, results, cancelled = run(scenario())
+    assert cancelled and results == [[10], [30]]
+    assert calls == [[1], [3]]
+
+
+def test_a_wrong_result_count_is_an_error_not_a_silent_drop():
+    async def short(items):
+        return items[:-1]
+
+    async def scenario():
+        return await MicroBatcher(short, max_size=4).submit([1, 2])
+
+    with pytest.raises(RuntimeError, match="2 items"):
+        run(scenario())
+    assert run(MicroBatcher(short, max_size=4).submit([])) == []
