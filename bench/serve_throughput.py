@@ -6,7 +6,7 @@ against the model alone. `provider` and `precision` are what the server's /model
 this script expects. --response-format npy has the clients ask for .npy bodies (Accept:
 application/x-npy); every record also times the server's own serialisation of a 64 x 2048 response
 as JSON floats and as .npy (serving/responses.py, the functions /embed calls).
-Writes bench/results/serve-<device>-<date>.json.
+Writes bench/results/serve-<device>-<arch>-<size>px-<date>.json.
 
     python bench/serve_throughput.py                                    # CPU: fmnist model, 32 px
     python bench/serve_throughput.py --arch resnet50 --image-size 224   # GPU: ResNet-50, 224 px
@@ -35,6 +35,7 @@ from pipeline.runtime import OnnxModel, resolve_model_dir  # noqa: E402
 from pipeline.runtime import usable_cpus  # noqa: E402
 from pipeline.serve import start_server  # noqa: E402
 from serving.responses import NPY, json_floats, npy  # noqa: E402
+from serving.settings import Settings  # noqa: E402
 
 from common import (RESULTS, commit, device_label, random_model,  # noqa: E402  (also puts the repo on sys.path)
                     write_record)
@@ -192,7 +193,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=0, help="B for the raw measurement (default: C)")
     parser.add_argument("--seconds", type=float, default=20, help="each measurement (default %(default)s)")
     parser.add_argument("--warmup", type=float, default=5, help="served warm-up, not counted (default %(default)s)")
-    parser.add_argument("--workers", type=int, default=1, help="Embedder (HTTP) worker processes (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="Embedder (HTTP) worker processes (default 0: the server's own, usable CPUs - 1)")
     parser.add_argument("--client-processes", type=int, default=1,
                         help="processes the C clients are spread over (default %(default)s)")
     parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
@@ -237,7 +239,7 @@ def main() -> int:
         "p99_ms": round(served["p99_ms"], 1),
         "clients": args.clients,
         "batch": batch,
-        "workers": args.workers,
+        "workers": Settings(workers=args.workers).http_workers(),
         "client_processes": args.client_processes,
         "model": {"arch": info["arch"], "image_size": info["image_size"], "dim": info["dim"]},
         "provider": runtime["provider"],  # the server's /model: what ran, not what was expected
@@ -255,7 +257,8 @@ def main() -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"serve-{device.lower()}-{datetime.date.today().isoformat()}.json"
+    model = f"{info['arch']}-{info['image_size']}px"  # one record per model: the CPU and GPU suites run several
+    path = args.out / f"serve-{device.lower()}-{model}-{datetime.date.today().isoformat()}.json"
     write_record(path, record)
     print(json.dumps(record, indent=2))
     print(f"wrote {path}")

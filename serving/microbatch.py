@@ -6,9 +6,10 @@ small requests per worker the encoder would see many small calls. `MicroBatcher`
 
 - when no call is in flight, what was submitted flushes at once (on the next turn of the event loop,
   so requests parsed in the same turn share a call): an idle worker adds no latency;
-- while a call is in flight, new items wait for it, so the next call carries everything that
-  arrived meanwhile (the window is the encoder's own latency); a full `max_size` call is sent at once
-  while fewer than `max_in_flight` calls are out, so a busy worker keeps the encoder fed;
+- while a call is in flight, new items wait at most `window_s` (or until `max_size` of them wait), so
+  a burst of requests shares one call, and then go out while fewer than `max_in_flight` calls are out.
+  Waiting for the call in flight to return instead would leave the encoder idle for every round trip:
+  the next call must already be queued in the encoder when its current batch ends;
 - a request bigger than `max_size` is split over several calls; results come back per request,
   in its item order.
 
@@ -36,6 +37,7 @@ class _Request:
     items: list[Any]
     future: asyncio.Future
     results: list[Any] = field(default_factory=list)
+    arrived: float = 0.0  # loop time of submission
     sent: int = 0  # items handed to calls so far
     done: int = 0  # items whose results arrived
 
@@ -47,20 +49,23 @@ class MicroBatcher(Generic[T, R]):
     """`await batcher.submit(items)` -> `call`'s results for those items, with concurrent submissions
     merged into calls of at most `max_size` items (module docstring: when a call goes out)."""
 
-    def __init__(self, call: Callable[[list[T]], Awaitable[Sequence[R]]], max_size: int, max_in_flight: int = 2):
-        if max_size < 1 or max_in_flight < 1:
-            raise ValueError("max_size and max_in_flight must be at least 1")
-        self.call, self.max_size, self.max_in_flight = call, max_size, max_in_flight
+    def __init__(self, call: Callable[[list[T]], Awaitable[Sequence[R]]], max_size: int, max_in_flight: int = 4,
+                 window_s: float = 0.005):
+        if max_size < 1 or max_in_flight < 1 or window_s < 0:
+            raise ValueError("max_size and max_in_flight must be at least 1, window_s at least 0")
+        self.call, self.max_size, self.max_in_flight, self.window_s = call, max_size, max_in_flight, window_s
         self.queue: deque[_Request] = deque()
         self.queued = 0  # items waiting, over all queued requests
         self.in_flight = 0
         self.calls: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
         self.scheduled = False
+        self.timer: asyncio.TimerHandle | None = None
 
     async def submit(self, items: Sequence[T]) -> list[R]:
         if not items:
             return []
-        request = _Request(list(items), asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        request = _Request(list(items), loop.create_future(), arrived=loop.time())
         self.queue.append(request)
         self.queued += len(request.items)
         self._schedule()
@@ -80,10 +85,25 @@ class MicroBatcher(Generic[T, R]):
             self.queue.remove(request)
             self.queued -= len(request.items) - request.sent
 
+    def _due(self) -> bool:
+        """Whether the queued items go out now (the module docstring's rules), else arm the window's timer."""
+        if not self.queued or self.in_flight >= self.max_in_flight:
+            return False
+        loop = asyncio.get_running_loop()
+        waited = loop.time() - self.queue[0].arrived
+        if self.in_flight == 0 or self.queued >= self.max_size or waited >= self.window_s:
+            return True
+        if self.timer is None:
+            self.timer = loop.call_later(self.window_s - waited, self._on_timer)
+        return False
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        self._flush()
+
     def _flush(self) -> None:
         self.scheduled = False
-        while self.queued and self.in_flight < self.max_in_flight and (
-                self.in_flight == 0 or self.queued >= self.max_size):
+        while self._due():
             pieces: list[tuple[_Request, int, int]] = []
             room = self.max_size
             while room and self.queue:

@@ -72,11 +72,11 @@ def test_calls_never_exceed_max_size_and_big_requests_are_split_and_reassembled_
     assert len(calls) == 4  # 13 items in calls of 4: nothing sent half-empty while more waited
 
 
-def test_full_batches_go_out_while_a_call_is_in_flight_but_partial_ones_wait():
+def test_full_batches_go_out_while_a_call_is_in_flight_but_partial_ones_wait_for_the_window():
     async def scenario():
         encoder = Encoder()
         encoder.release = asyncio.Event()
-        batcher = MicroBatcher(encoder, max_size=3, max_in_flight=2)
+        batcher = MicroBatcher(encoder, max_size=3, max_in_flight=2, window_s=10)
         tasks = [asyncio.create_task(batcher.submit([0]))]
         await asyncio.sleep(0)
         await asyncio.sleep(0)
@@ -131,7 +131,7 @@ def test_a_failure_in_one_part_of_a_split_request_fails_that_request_once():
 def test_a_cancelled_request_withdraws_its_items_and_does_not_cancel_the_others():
     async def scenario():
         encoder = Encoder(delay=0.05)
-        batcher = MicroBatcher(encoder, max_size=8)
+        batcher = MicroBatcher(encoder, max_size=8, window_s=10)
         first = asyncio.create_task(batcher.submit([1]))
         await asyncio.sleep(0.01)
         leaving = asyncio.create_task(batcher.submit([2]))
@@ -144,6 +144,29 @@ def test_a_cancelled_request_withdraws_its_items_and_does_not_cancel_the_others(
     calls, results, cancelled = run(scenario())
     assert cancelled and results == [[10], [30]]
     assert calls == [[1], [3]]
+
+
+def test_a_partial_call_goes_out_after_the_window_while_another_is_in_flight():
+    """The next call must be queued in the encoder before the current one returns, or the encoder idles
+    for every round trip between its batches."""
+    async def scenario():
+        encoder = Encoder()
+        encoder.release = asyncio.Event()
+        batcher = MicroBatcher(encoder, max_size=64, window_s=0.02)
+        tasks = [asyncio.create_task(batcher.submit([0]))]
+        await asyncio.sleep(0.005)
+        tasks += [asyncio.create_task(batcher.submit([i])) for i in (1, 2)]
+        await asyncio.sleep(0.005)
+        within = [list(call) for call in encoder.calls]
+        await asyncio.sleep(0.05)
+        after = [list(call) for call in encoder.calls]
+        encoder.release.set()
+        return within, after, await asyncio.gather(*tasks)
+
+    within, after, results = run(scenario())
+    assert within == [[0]]  # the burst is still being collected
+    assert after == [[0], [1, 2]]  # and went out as one call, the first call still running
+    assert results == [[0], [10], [20]]
 
 
 def test_a_wrong_result_count_is_an_error_not_a_silent_drop():
