@@ -13,6 +13,9 @@ REJECTED_INPUTS = Counter("barlow_rejected_inputs", "Requests or images rejected
 PREPROCESS_SECONDS = Histogram(
     "barlow_preprocess_seconds", "Decode, validate and preprocess the images of one request",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+ENCODER_DECODE_SECONDS = Histogram(
+    "barlow_encoder_decode_seconds", "BARLOW_DECODE=encoder: host time to decode, orient, resize and crop one "
+    "batch on the model's device (on CUDA, kernels still running count in barlow_inference_seconds)", buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 INFERENCE_SECONDS = Histogram(
     "barlow_inference_seconds", "ONNX Runtime time for one adaptive batch",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))

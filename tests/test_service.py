@@ -481,6 +481,7 @@ def test_encoder_decoding_matches_the_torch_encoder_with_a_png_in_the_same_reque
     assert delta("bentoml_service_adaptive_batch_size_sum", method_name="encode_items") == 3
     assert delta("bentoml_service_adaptive_batch_size_sum", method_name="encode") == 0
     assert delta("barlow_batch_size_sum") == len(images) + 1 + 2  # ... carrying every image
+    assert delta("barlow_encoder_decode_seconds_count") == 3  # decoded there, once per batch
 
 
 def test_encoder_decoding_a_corrupt_jpeg_fails_only_its_own_request(encoder_decoding_server, reference):
