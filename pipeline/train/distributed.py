@@ -35,19 +35,25 @@ def launch_rank() -> int:
 
 
 def init_distributed(device: torch.device) -> None:
-    """Join the process group torchrun describes (env://), in a store namespace of this restart attempt.
+    """Join the process group torchrun describes (env://).
 
-    torchrun's agent keeps one TCPStore for all restarts of the group (--max-restarts), and the process
-    group's keys (each rank's address) carry no attempt number: a restarted rank can read the address of
-    a rank from the previous attempt, which is dead, and fail to connect ("Connection refused") until the
-    restarts run out. The attempt prefix gives every restart fresh keys.
+    By default torchrun's agent keeps one TCPStore for all restarts of the group (--max-restarts), and the
+    process group's keys (each rank's address) carry no attempt number: a restarted rank can read the
+    address of a rank from the previous attempt, which is dead, and fail to connect ("Connection refused")
+    until the restarts run out. With TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (the training Job sets it) every
+    rendezvous round gets a fresh store, hosted by the new rank 0 on a new port, so there are no stale
+    keys. Only with the shared store are the keys put under this agent's restart count: that count is the
+    same on every rank only with one agent (--nnodes=1). With several agents it is not (an agent whose own
+    worker did not fail restarts for the membership change without counting it), and ranks waiting under
+    different prefixes would never meet (tests/helpers_cluster.py, scenario c).
     """
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         store, rank, world_size = next(dist.rendezvous("env://"))
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = dist.PrefixStore(f"barlow/attempt_{attempt}", store)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # the agent's store, shared by restarts
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(f"barlow/attempt_{attempt}", store)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store,
                                 rank=rank, world_size=world_size)
 
