@@ -286,10 +286,7 @@ class Embedder:
 
     def decode_place(self) -> str:
         """`worker` or `encoder` (BARLOW_DECODE); auto is `worker` until the encoder said what it runs."""
-        provider = (self.runtime or {}).get("provider", "")
-        if self.settings.decode == "auto" and not provider:
-            return "worker"
-        return decode_place(self.settings.decode, provider)
+        return decode_place(self.settings.decode, (self.runtime or {}).get("provider", ""))
 
     async def encoder_runtime(self) -> dict | None:
         """What the encoder runs, asked once (at warm-up, or here for a worker that no probe reached)."""
