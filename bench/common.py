@@ -66,7 +66,7 @@ def random_model(out: Path, arch: str, image_size: int) -> Path:
 
     config = Config.from_dict(PRESETS["fmnist" if image_size <= 64 else "imagenet"])
     config.model.arch, config.views.image_size = arch, image_size
-    backbone, _ = build_backbone(arch, config.model.small_stem)
+    backbone, _ = build_backbone(config.model)
     save_encoder(out / "run" / "encoder.pt", backbone, config, step=0)
     export_model(out / "run", out / "model")
     return out / "model"

@@ -138,7 +138,7 @@ def main() -> None:
     if on_cuda:
         torch.backends.cudnn.benchmark = True
 
-    model = BarlowTwins(config.model.arch, config.model.small_stem, config.model.projector).to(device, memory_format=memory_format)
+    model = BarlowTwins(config.model).to(device, memory_format=memory_format)
     optimizer = build_optimizer(model, config.optim)
     set_lr(optimizer, 10, 100, 10, config.optim.final_lr_fraction)
     if args.compile:

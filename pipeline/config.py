@@ -49,8 +49,9 @@ class ViewConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"  # resnet18 | resnet34 | resnet50
-    small_stem: bool = False  # 3x3 stride-1 conv, no max-pool: for images of 64 px or less
+    arch: str = "resnet50"  # resnet10 | resnet18 | resnet34 | resnet50
+    small_stem: bool = False  # 3x3 conv, no max-pool: for images of 64 px or less
+    stem_stride: int = 1  # of the small stem: 2 quarters the backbone's cost (the `small` preset)
     projector: str = "8192-8192-8192"
     lambd: float = 0.0051  # weight of the off-diagonal term of the loss
 

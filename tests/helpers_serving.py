@@ -20,7 +20,7 @@ def make_run_dir(run_dir: Path, preset: str = "fmnist", seed: int = 0) -> Path:
     """RUN_DIR/encoder.pt with random weights and perturbed BatchNorm (so BN is not the identity)."""
     torch.manual_seed(seed)
     config = Config.from_dict(PRESETS[preset])
-    backbone, _ = build_backbone(config.model.arch, config.model.small_stem)
+    backbone, _ = build_backbone(config.model)
     generator = torch.Generator().manual_seed(seed)
     for module in backbone.modules():
         if isinstance(module, torch.nn.BatchNorm2d):

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from pipeline.config import ModelConfig
 from pipeline.train.distributed import GlobalBatchNorm, all_reduce_sum, convert_batchnorm, rank, world_size
 from pipeline.train.loss import barlow_twins_loss, off_diagonal, on_diagonal, standardize
 from pipeline.train.model import BarlowTwins
@@ -29,7 +30,7 @@ BATCH, SIZE, LAMBD = 8, 8, 0.0051
 def make_model_and_batch() -> tuple[BarlowTwins, torch.Tensor, torch.Tensor]:
     """The same small model and batch in every process (fixed seeds)."""
     torch.manual_seed(0)
-    model = BarlowTwins("resnet18", small_stem=True, projector="32-32")
+    model = BarlowTwins(ModelConfig("resnet18", small_stem=True, projector="32-32"))
     for module in model.modules():  # non-trivial BN affine (zero_init_residual zeroes some), so every
         if isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d):  # parameter gets a gradient
             nn.init.uniform_(module.weight, 0.5, 1.5)

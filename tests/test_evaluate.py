@@ -321,7 +321,7 @@ def test_eval_of_the_onnx_model_dir_and_of_the_run_dir_give_the_same_features(tr
     onnx_model = feats.open_model(model_dir, torch.device("cpu"))
     torch_model = feats.open_model(run_dir, torch.device("cpu"))
     assert (onnx_model.kind, torch_model.kind) == ("onnx", "torch")
-    assert (onnx_model.image_size, onnx_model.arch, onnx_model.small_stem) == (32, "resnet18", False)
+    assert (onnx_model.image_size, onnx_model.model.arch, onnx_model.model.small_stem) == (32, "resnet18", False)
     both = feats.extract({"onnx": onnx_model.features, "torch": torch_model.features}, "fashion-mnist:test", 32,
                          limit=100)
     scale = np.abs(both.features["torch"]).max()

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.config import Config, ModelConfig
 from pipeline.data.labelled import class_names, iter_labelled
 from pipeline.data.stream import CorruptCounter
 from pipeline.errors import UserError
@@ -51,8 +52,7 @@ class EvaluatedModel:
 
     features: FeatureFn
     image_size: int
-    arch: str
-    small_stem: bool
+    model: ModelConfig  # the backbone's architecture (arch, stem)
     mean: tuple[float, ...]
     std: tuple[float, ...]
     kind: str  # onnx | torch
@@ -92,7 +92,7 @@ def random_init_model(model: EvaluatedModel, device: torch.device, seed: int = 0
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        backbone, _ = build_backbone(model.arch, model.small_stem)
+        backbone, _ = build_backbone(model.model)
     return TorchModel(backbone.eval(), model.mean, model.std, device)
 
 
@@ -106,12 +106,11 @@ def open_model(path: str | Path, device: torch.device) -> EvaluatedModel:
         onnx = OnnxModel(path, device="cuda" if device.type == "cuda" else "cpu")
         info = onnx.info
         try:
-            model_config, size = info["config"]["model"], int(info["image_size"])
+            model_config, size = Config.from_dict(info["config"]).model, int(info["image_size"])
             mean, std = tuple(info["mean"]), tuple(info["std"])
-            arch, small_stem = model_config["arch"], bool(model_config["small_stem"])
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{path / 'model.json'} lacks a field evaluation needs ({exc}); re-run barlow export") from None
-        return EvaluatedModel(onnx, size, arch, small_stem, mean, std, "onnx", str(path),
+        return EvaluatedModel(onnx, size, model_config, mean, std, "onnx", str(path),
                               {"provider": onnx.providers[0], "name": info.get("name")})
     checkpoint = path / "encoder.pt" if path.is_dir() else path
     if not checkpoint.is_file():
@@ -120,8 +119,8 @@ def open_model(path: str | Path, device: torch.device) -> EvaluatedModel:
 
     backbone, config = load_encoder(checkpoint)
     views = config.views
-    return EvaluatedModel(TorchModel(backbone, views.mean, views.std, device), views.image_size, config.model.arch,
-                          config.model.small_stem, tuple(views.mean), tuple(views.std), "torch", str(path),
+    return EvaluatedModel(TorchModel(backbone, views.mean, views.std, device), views.image_size, config.model,
+                          tuple(views.mean), tuple(views.std), "torch", str(path),
                           {"device": str(device)})
 
 

@@ -55,7 +55,7 @@ def evaluate(model_path: str, train_src: str, test_src: str, protocols: tuple[st
         return linear_probe(*args, seed=seed, device=torch_device, **linear_options)
 
     result: dict[str, Any] = {
-        "model": str(model_path), "runtime": model.kind, **model.info, "arch": model.arch,
+        "model": str(model_path), "runtime": model.kind, **model.info, "arch": model.model.arch,
         "image_size": model.image_size, "dim": int(train.features["model"].shape[1]),
         "classes": num_classes(train.labels, test.labels),
         "train": {"src": train_src, **train.counts()}, "test": {"src": test_src, **test.counts()},

@@ -95,7 +95,7 @@ def load_encoder(path: str | Path) -> tuple[nn.Module, Config]:
     """The trained backbone (eval mode, CPU) and the resolved config it was trained with."""
     data = safe_load(path, ENCODER_FORMAT)
     config = Config.from_dict(data["config"])
-    backbone, _ = build_backbone(config.model.arch, config.model.small_stem)
+    backbone, _ = build_backbone(config.model)
     try:
         backbone.load_state_dict(data["backbone"])
     except RuntimeError as exc:

@@ -76,6 +76,39 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
+def knn_curve(records: list[dict[str, Any]], batch_size: int) -> list[list[float]]:
+    """[[training minutes, kNN top-1], ...] from metrics.jsonl records: the minutes are summed from each
+    record's steps and images/s, so they survive a resume and count only time spent training."""
+    curve, seconds, last_step = [], 0.0, None
+    for record in records:
+        if "images_per_s" not in record:
+            continue
+        if last_step is not None and record["step"] > last_step and record["images_per_s"] > 0:
+            seconds += (record["step"] - last_step) * batch_size / record["images_per_s"]
+        last_step = record["step"]
+        if "knn_top1" in record:
+            curve.append([round(seconds / 60, 2), round(record["knn_top1"], 4)])
+    return curve
+
+
+def plot_knn(records: list[dict[str, Any]], batch_size: int, path: Path) -> None:
+    """plots/knn.png: the kNN monitor's accuracy against training minutes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = knn_curve(records, batch_size)
+    figure, axis = plt.subplots(figsize=(5.5, 3.6))
+    axis.plot([m for m, _ in curve], [100 * k for _, k in curve], marker="o")
+    axis.set(xlabel="training minutes", ylabel="kNN top-1 (%)", title="kNN monitor (held-out set)")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def plot_crosscorr(first: torch.Tensor, last: torch.Tensor, first_step: int, last_step: int, path: Path) -> None:
     import matplotlib
 

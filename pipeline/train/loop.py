@@ -55,6 +55,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     parser.add_argument("--monitor-data", metavar="SRC", help="labelled shards (or fashion-mnist:test) for an online kNN")
     parser.add_argument("--monitor-every", type=int, metavar="N", help="steps between kNN runs (default train.diag_every)")
+    parser.add_argument("--monitor-minutes", type=float, metavar="M", help="minutes between kNN runs (instead of steps)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.batch_size=256")
 
 
@@ -92,7 +93,8 @@ def run(args) -> int:
         from pipeline.train.monitor import KnnMonitor
 
         monitor = KnnMonitor(args.monitor_data, config.views.image_size, config.views.mean, config.views.std,
-                             every=args.monitor_every or config.train.diag_every)
+                             every=0 if args.monitor_minutes else args.monitor_every or config.train.diag_every,
+                             every_minutes=args.monitor_minutes or 0.0)
     summary = train(config, Path(args.out), monitor)
     return SIGTERM_EXIT_CODE if summary["stopped_by_signal"] else 0
 
@@ -217,7 +219,7 @@ def set_up(config: Config, run_dir: Path) -> tuple[Run, Progress]:
     bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and on_cuda)
     data_path = pick_data_path(config, device)
 
-    core: nn.Module = BarlowTwins(config.model.arch, config.model.small_stem, config.model.projector)
+    core: nn.Module = BarlowTwins(config.model)
     if world > 1:
         core = distributed.convert_batchnorm(core)
     memory_format = torch.channels_last if on_cuda else torch.preserve_format
@@ -393,7 +395,10 @@ def finish(run: Run, progress: Progress, run_log: RunLog) -> dict[str, Any]:
             diagnostics.plot_crosscorr(progress.first_crosscorr, progress.last_crosscorr,
                                        progress.first_crosscorr_step, progress.step,
                                        run.run_dir / "plots" / "crosscorr.png")
-        diagnostics.plot_loss(run_log.metrics.records(), run.run_dir / "plots" / "loss.png")
+        records = run_log.metrics.records()
+        diagnostics.plot_loss(records, run.run_dir / "plots" / "loss.png")
+        if any("knn_top1" in r for r in records):
+            diagnostics.plot_knn(records, run.config.optim.batch_size, run.run_dir / "plots" / "knn.png")
         if not progress.stopped_by_signal:
             save_encoder(run.run_dir / "encoder.pt", run.core.backbone, run.config, progress.step)
     if run_log.gauges:

@@ -1,15 +1,17 @@
 """The online kNN monitor of training, and the kNN classifier it shares with `barlow eval`.
 
-Every few steps rank 0 embeds a small labelled set with the backbone as it is and classifies each
-image by its k most cosine-similar other images (votes weighted exp(sim / T), k=20, T=0.07 as in the
-lightly and solo-learn monitors). The accuracy goes into metrics.jsonl, the progress bar and the
-Prometheus gauges, so a user sees whether more training helps.
+Every few steps or minutes rank 0 embeds a small labelled set held out from training (not used to choose
+anything) with the backbone as it is, and classifies each image by its k most cosine-similar other images (votes weighted exp(sim / T), k=20, T=0.07 as in the
+lightly and solo-learn monitors). The accuracy goes into metrics.jsonl, the progress bar, the
+Prometheus gauges and, at the end, plots/knn.png against training minutes, so a user sees whether more
+training helps.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -67,10 +69,11 @@ class KnnMonitor:
     single held-out shard set is enough. Images are read and preprocessed once, at the start.
     """
 
-    def __init__(self, src: str, image_size: int, mean, std, every: int, limit: int = 2000, k: int = DEFAULT_K,
-                 temperature: float = DEFAULT_TEMPERATURE, batch_size: int = 256):
-        if every < 1:
-            raise UserError(f"--monitor-every must be at least 1, not {every}")
+    def __init__(self, src: str, image_size: int, mean, std, every: int = 0, limit: int = 2000, k: int = DEFAULT_K,
+                 temperature: float = DEFAULT_TEMPERATURE, batch_size: int = 256, every_minutes: float = 0.0):
+        if every < 0 or every_minutes < 0 or not (every or every_minutes):
+            raise UserError(f"--monitor-every must be at least 1 step or --monitor-minutes above 0 "
+                            f"(got {every}, {every_minutes})")
         pairs = list(iter_labelled(src, image_size, CorruptCounter(), limit))
         if len(pairs) < 2:
             raise UserError(f"--monitor-data {src} has {len(pairs)} labelled images; the kNN monitor needs at least 2")
@@ -78,13 +81,22 @@ class KnnMonitor:
         self.labels = torch.tensor([label for _, label in pairs])
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-        self.every, self.k, self.temperature, self.batch_size = every, k, temperature, batch_size
+        self.every, self.every_s, self.k, self.temperature, self.batch_size = every, every_minutes * 60, k, temperature, batch_size
         self.last: float | None = None
         self.next_step = every
-        log.info("kNN monitor: %d labelled images from %s every %d steps", len(pairs), src, every)
+        self.next_time: float | None = None  # minutes mode: the first logged step runs it (the curve's start)
+        how = f"every {every_minutes:g} minutes" if every_minutes else f"every {every} steps"
+        log.info("kNN monitor: %d labelled images from %s %s", len(pairs), src, how)
 
     def due(self, step: int, total_steps: int) -> bool:
-        """True at the first step asked about once `every` steps passed since the last run, and at the end."""
+        """True at the end, and at the first step asked about once `every` steps (or `every_minutes`)
+        passed since the last run; in minutes mode also at the first step asked about."""
+        if self.every_s:
+            now = time.monotonic()
+            if self.next_time is None or now >= self.next_time or step == total_steps:
+                self.next_time = now + self.every_s
+                return True
+            return False
         if step >= self.next_step or step == total_steps:
             self.next_step = step + self.every
             return True
