@@ -133,6 +133,8 @@ def main() -> int:
                         "held-out test images (default: a tenth of --minutes, else every diag_every steps)")
     parser.add_argument("--no-supervised", action="store_true", help="skip the supervised ceiling (the same "
                         "backbone trained with labels for as many minutes as the pretraining took)")
+    parser.add_argument("--supervised-for", type=Path, metavar="RECORD", help="only train the supervised ceiling of "
+                        "a record written with --no-supervised (its config and minutes) and add it there")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (training and evaluation)")
     parser.add_argument("--eval-via", choices=("auto", "onnx", "torch"), default="auto",
                         help="evaluate MODEL_DIR under ONNX Runtime or RUN_DIR under torch (auto: onnx unless a GPU "
@@ -144,6 +146,15 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides on the fmnist preset")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.supervised_for:
+        record = json.loads(args.supervised_for.read_text())
+        record["supervised"] = supervised_ceiling(Config.from_dict(record["config"]), record["train_minutes"],
+                                                  args.limit_train or record["eval"]["train_count"],
+                                                  args.limit_test or record["eval"]["test_count"])
+        record["baselines"]["supervised_linear"] = record["supervised"]["top1"]
+        write_record(args.supervised_for, record)
+        print(f"supervised ceiling {record['supervised']['top1']:.4f}: {args.supervised_for}")
+        return 0
 
     config = Config()
     apply(config, PRESETS[args.preset])
@@ -202,6 +213,7 @@ def main() -> int:
         "baselines": {name: value["top1"] for name, value in result["baselines"].items()},
         "rankme": round(result["rankme"], 2),
         "curve": knn_curve(records, config.optim.batch_size),
+        "curve_raw_knn": round(monitor.raw_pixels_top1, 4),  # the monitor's kNN on raw pixels, same images
         "top5": {"knn": result["knn"].get("top5"), "linear": result["linear"].get("top5")},
         "preset": args.preset,
         "targets": targets_met(TARGETS.get(args.preset, {}), result, train_minutes),

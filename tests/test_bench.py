@@ -37,21 +37,30 @@ def test_bench_script_writes_the_committed_record_keys(tmp_path, script, args, c
 
 def test_quality_writes_the_record_issue_14_names(tmp_path):
     """bench/quality.py end to end at tiny size: pretraining with the kNN monitor, export, eval with
-    baselines, the supervised ceiling; the record holds the curve and every baseline, the RUN_DIR knn.png."""
-    work = tmp_path / "work"
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "quality.py"), "--preset", "tiny", "--steps", "6",
-                             "--monitor-minutes", "0.001", "--limit-train", "300", "--limit-test", "100",
-                             "--work", str(work), "--out", str(tmp_path), "train.log_every=2"],
-                            capture_output=True, text=True, timeout=900, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    baselines; then the supervised ceiling added to that record. The record holds the curve and every
+    baseline, the RUN_DIR plots/knn.png."""
+    work, env = tmp_path / "work", {**os.environ, "PYTHONPATH": str(REPO)}
+    script = str(REPO / "bench" / "quality.py")
+    result = subprocess.run([sys.executable, script, "--preset", "tiny", "--steps", "6", "--monitor-minutes", "0.001",
+                             "--limit-train", "300", "--limit-test", "100", "--no-supervised", "--work", str(work),
+                             "--out", str(tmp_path), "train.log_every=2"],
+                            capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     (written,) = tmp_path.glob("quality-*.json")
     record = json.loads(written.read_text())
     assert record["preset"] == "tiny" and record["steps"] == 6 and record["commit"]
-    assert set(record["baselines"]) == {"raw_knn", "random_knn", "random_linear", "supervised_linear"}
-    assert 0 < record["baselines"]["supervised_linear"] <= 1 and record["supervised"]["steps"] >= 1
-    assert abs(record["supervised"]["train_minutes"] - record["train_minutes"]) < 0.2  # the same minutes
+    assert set(record["baselines"]) == {"raw_knn", "random_knn", "random_linear"}  # --no-supervised
     minutes = [m for m, _ in record["curve"]]
     assert len(minutes) >= 3 and minutes == sorted(minutes) and all(0 <= k <= 1 for _, k in record["curve"])
+    assert 0 < record["curve_raw_knn"] < 1
     assert record["targets"] == {"met": False}  # tiny has no targets
     (run_dir,) = work.glob("run-*")
     assert (run_dir / "plots" / "knn.png").stat().st_size > 1000
+
+    result = subprocess.run([sys.executable, script, "--supervised-for", str(written)], capture_output=True, text=True,
+                            timeout=900, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(written.read_text())
+    assert 0 < record["baselines"]["supervised_linear"] <= 1 and record["supervised"]["steps"] >= 1
+    assert abs(record["supervised"]["train_minutes"] - record["train_minutes"]) < 0.2  # the same minutes
+    assert record["knn"] and record["curve"]  # the rest of the record kept

@@ -39,6 +39,9 @@ def test_demo_runs_every_stage_serves_and_stops_its_server_on_sigterm(tmp_path, 
         httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
 
     assert any(line.startswith("MODEL_DIR ") and "parity max abs diff" in line for line in lines), lines
+    quality = next(line for line in lines if line.startswith("quality: kNN top-1 on 2000 test images"))
+    assert "raw pixels" in quality and "random init" in quality
+    assert "below raw pixels: this run was too short" in quality  # 2 steps cannot beat them, and it says so
     search = next(line for line in lines if line.startswith("search: "))
     assert "top-1" in search and "neighbours are" in search
     embedded = next(line for line in lines if line.startswith("POST ") and "/embed -> model" in line)

@@ -5,7 +5,7 @@ import urllib.request
 
 import torch
 
-from pipeline.train.diagnostics import MetricsLog, PrometheusGauges, normalized_std, rankme
+from pipeline.train.diagnostics import MetricsLog, PrometheusGauges, knn_curve, normalized_std, plot_knn, rankme
 
 
 def test_rankme_counts_effective_dimensions():
@@ -58,3 +58,14 @@ def test_prometheus_corrupt_samples_follow_the_logged_records():
     finally:
         gauges.close()
     assert "barlow_train_corrupt_samples 5.0" in text, [l for l in text.splitlines() if "corrupt" in l]
+
+
+def test_knn_curve_sums_training_minutes_from_steps_and_rates_across_a_resume(tmp_path):
+    records = [{"step": 10, "images_per_s": 64.0, "knn_top1": 0.5},  # the first record starts the clock
+               {"step": 20, "images_per_s": 64.0},  # 10 steps x 64 images / 64 per s = 10 s
+               {"step": 30, "images_per_s": 32.0, "knn_top1": 0.6},  # + 20 s
+               {"step": 20, "images_per_s": 64.0},  # a resume from step 20: not counted backwards
+               {"step": 50, "images_per_s": 16.0, "knn_top1": 0.7}]  # + 120 s
+    assert knn_curve(records, 64) == [[0.0, 0.5], [0.5, 0.6], [2.5, 0.7]]
+    plot_knn(records, 64, tmp_path / "plots" / "knn.png", raw_pixels=0.65)
+    assert (tmp_path / "plots" / "knn.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -120,6 +120,23 @@ def test_linear_probe_picks_the_weight_decay_that_wins_on_the_held_out_split():
         linear_probe(train_x, train_y, test_x, test_y, val_fraction=1.0)
 
 
+def test_joint_sweep_gives_the_separate_sweeps_numbers_on_fashion_mnist_pixels(fashion_mnist):
+    """The fast path (every decay in one fit, the held-out winner tested) against the slow one (a fit per
+    decay, the winner refit on all of train), on real data: the same decay wins and the accuracies agree."""
+    from pipeline.data.fashion_mnist import read_fashion_mnist
+
+    images, labels = read_fashion_mnist("train")
+    x = (images[:3000].reshape(3000, -1) / 255).astype(np.float32)
+    train_x, train_y, test_x, test_y = x[:2000], labels[:2000], x[2000:], labels[2000:3000]
+    options = {"weight_decays": (1e-4, 1e-2, 1.0), "max_iter": 100}
+    fast = linear_probe(train_x, train_y, test_x, test_y, sweep="joint", **options)
+    slow = linear_probe(train_x, train_y, test_x, test_y, sweep="separate", **options)
+    assert fast["weight_decay"] == slow["weight_decay"]
+    assert fast["top1"] == pytest.approx(slow["top1"], abs=0.015) and 0.7 < fast["top1"] < 0.9
+    for decay in options["weight_decays"]:  # each joint head is its own problem's solution
+        assert fast["validation"][f"{decay:g}"] == pytest.approx(slow["validation"][f"{decay:g}"], abs=0.01)
+
+
 # ---------------------------------------------------------------- features from real data
 
 
@@ -228,6 +245,25 @@ def test_cli_eval_rejects_bad_input_with_one_sentence(tiny_run, tmp_path, args, 
     last = captured.err.strip().splitlines()[-1]
     assert last.startswith("barlow eval: error: ") and message in last, captured.err[-2000:]
     assert "Traceback" not in captured.err and captured.out == ""
+
+
+def test_knn_monitor_in_minutes_runs_first_then_every_m_minutes_and_knows_raw_pixels(fmnist_shards, monkeypatch):
+    from pipeline.train import monitor as monitor_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(monitor_module.time, "monotonic", lambda: clock[0])
+    monitor = KnnMonitor(str(fmnist_shards), 16, (0.5,) * 3, (0.25,) * 3, every_minutes=2, limit=120)
+    due = []
+    for step in range(1, 21):  # one step every 30 s
+        if monitor.due(step, 20):
+            due.append(step)
+        clock[0] += 30
+    assert due == [1, 5, 9, 13, 17, 20]  # the start (the curve's first point), every 4th step, the end
+    pixels = monitor.images.float().flatten(1) / 255
+    expected = topk_accuracy(knn_scores(pixels, monitor.labels, pixels, 10, exclude_self=True), monitor.labels)["top1"]
+    assert monitor.raw_pixels_top1 == expected and 0.3 < expected < 1
+    with pytest.raises(UserError, match="--monitor-minutes"):
+        KnnMonitor(str(fmnist_shards), 16, (0.5,) * 3, (0.25,) * 3, every=0, limit=10)
 
 
 def test_knn_monitor_is_leave_one_out_and_restores_training_mode(fmnist_shards, tiny_run):

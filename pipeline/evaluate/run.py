@@ -94,6 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=100, help="linear probe with SGD: epochs (default %(default)s)")
     parser.add_argument("--weight-decays", type=float, nargs="+", default=list(WEIGHT_DECAYS), metavar="WD",
                         help="linear probe: weight decays to choose from on the held-out split")
+    parser.add_argument("--sweep", choices=("joint", "separate"), default="joint",
+                        help="linear probe: fit every weight decay at once and test the one that wins on the held-out "
+                             "split, or one fit per decay and a refit of the winner on all of train (default %(default)s)")
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="linear probe: part of train held out to choose the weight decay (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random-init baseline and held-out split")
@@ -103,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     linear_options = {}
     if args.protocol == "linear":
         linear_options = {"optimizer": args.optimizer, "epochs": args.epochs,
-                          "weight_decays": tuple(args.weight_decays), "val_fraction": args.val_fraction}
+                          "weight_decays": tuple(args.weight_decays), "val_fraction": args.val_fraction,
+                          "sweep": args.sweep}
     result = evaluate(args.model, args.train, args.test, (args.protocol,), baselines=args.baselines, k=args.k,
                       temperature=args.temperature, batch_size=args.batch_size, limit_train=args.limit_train,
                       limit_test=args.limit_test, device=args.device, seed=args.seed, **linear_options)

@@ -91,8 +91,8 @@ def knn_curve(records: list[dict[str, Any]], batch_size: int) -> list[list[float
     return curve
 
 
-def plot_knn(records: list[dict[str, Any]], batch_size: int, path: Path) -> None:
-    """plots/knn.png: the kNN monitor's accuracy against training minutes."""
+def plot_knn(records: list[dict[str, Any]], batch_size: int, path: Path, raw_pixels: float | None = None) -> None:
+    """plots/knn.png: the kNN monitor's accuracy against training minutes, and the raw pixels' on the same set."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,7 +100,10 @@ def plot_knn(records: list[dict[str, Any]], batch_size: int, path: Path) -> None
 
     curve = knn_curve(records, batch_size)
     figure, axis = plt.subplots(figsize=(5.5, 3.6))
-    axis.plot([m for m, _ in curve], [100 * k for _, k in curve], marker="o")
+    axis.plot([m for m, _ in curve], [100 * k for _, k in curve], marker="o", label="encoder")
+    if raw_pixels is not None:
+        axis.axhline(100 * raw_pixels, color="gray", linestyle="--", label="raw pixels")
+        axis.legend(fontsize=8)
     axis.set(xlabel="training minutes", ylabel="kNN top-1 (%)", title="kNN monitor (held-out set)")
     axis.grid(alpha=0.3)
     figure.tight_layout()

@@ -398,7 +398,8 @@ def finish(run: Run, progress: Progress, run_log: RunLog) -> dict[str, Any]:
         records = run_log.metrics.records()
         diagnostics.plot_loss(records, run.run_dir / "plots" / "loss.png")
         if any("knn_top1" in r for r in records):
-            diagnostics.plot_knn(records, run.config.optim.batch_size, run.run_dir / "plots" / "knn.png")
+            diagnostics.plot_knn(records, run.config.optim.batch_size, run.run_dir / "plots" / "knn.png",
+                                 run_log.monitor.raw_pixels_top1 if run_log.monitor else None)
         if not progress.stopped_by_signal:
             save_encoder(run.run_dir / "encoder.pt", run.core.backbone, run.config, progress.step)
     if run_log.gauges:

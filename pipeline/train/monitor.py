@@ -83,10 +83,15 @@ class KnnMonitor:
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.every, self.every_s, self.k, self.temperature, self.batch_size = every, every_minutes * 60, k, temperature, batch_size
         self.last: float | None = None
+        # The same leave-one-out kNN on the raw pixels: the line the curve has to cross to beat them.
+        pixels = self.images.float().flatten(1) / 255
+        self.raw_pixels_top1 = topk_accuracy(knn_scores(pixels, self.labels, pixels, int(self.labels.max()) + 1, k,
+                                                        temperature, exclude_self=True), self.labels)["top1"]
         self.next_step = every
         self.next_time: float | None = None  # minutes mode: the first logged step runs it (the curve's start)
         how = f"every {every_minutes:g} minutes" if every_minutes else f"every {every} steps"
-        log.info("kNN monitor: %d labelled images from %s %s", len(pairs), src, how)
+        log.info("kNN monitor: %d labelled images from %s %s (raw pixels: %.3f)", len(pairs), src, how,
+                 self.raw_pixels_top1)
 
     def due(self, step: int, total_steps: int) -> bool:
         """True at the end, and at the first step asked about once `every` steps (or `every_minutes`)
