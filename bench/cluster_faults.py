@@ -1,12 +1,13 @@
 """What a cluster does to a two-pod training Job, on one host: tests/helpers_cluster.py runs two torchrun
-agents with the barlow-train Job's rendered launch line (--nnodes=2, c10d rendezvous at pod 0) and a small
-Indexed-Job controller that applies the Job's podFailurePolicy and backoffLimitPerIndex.
+agents with the barlow-train Job's rendered launch line (barlow-torchrun --nnodes=2, c10d rendezvous at
+pod 0) and a small Indexed-Job controller that applies the Job's podFailurePolicy and backoffLimitPerIndex.
 
-Scenarios (--scenarios, default a,b,c; each --repeats times):
+Scenarios (--scenarios, default a,b,c,d,e; each --repeats times):
   a  SIGTERM to pod 0's agent (the rendezvous store host), as a preemption; the controller replaces it
   b  the same for pod 1
   c  kill -9 of pod 1's worker process (the agent's child)
   d  pod 1's agent started --early seconds before pod 0's
+  e  as a, and pod 0's replacement comes up at another address
 Per run: recovered (the Job completes), seconds from the fault to the next training step, steps lost
 (steps redone beyond the last one completed), final weights bit-identical to an uninterrupted two-pod
 run (checkpoints/last.pt, torch.equal), each pod's exit codes and podFailurePolicy verdicts.
@@ -31,7 +32,7 @@ from helpers_cluster import make_config, reference_run, run_scenario, train_cont
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenarios", default="a,b,c")
+    parser.add_argument("--scenarios", default="a,b,c,d,e")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=300, help="seconds per scenario run")
     parser.add_argument("--early", type=float, default=90, help="scenario d: pod 1's head start")
@@ -46,7 +47,9 @@ def main() -> int:
     record = {"device": device_label(False), "commit": commit(),
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
               "launch_line": container["command"], "env": {e["name"]: e.get("value") for e in container["env"]},
-              "pod_failure_policy": job["spec"].get("podFailurePolicy"), "env_override": env, "runs": []}
+              "pod_failure_policy": job["spec"].get("podFailurePolicy"), "env_override": env,
+              "config": {"scenarios": args.scenarios, "repeats": args.repeats, "early_s": args.early,
+                         "timeout_s": args.timeout}, "runs": []}
     with tempfile.TemporaryDirectory(prefix="cluster-faults-") as tmp:
         root = Path(tmp)
         config = make_config(root)

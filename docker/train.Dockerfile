@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # Training image: the official PyTorch CUDA runtime (CUDA 13, cuDNN 9, which onnxruntime-gpu 1.31
-# also needs) plus this project; `torchrun ... barlow train` is the entrypoint. TORCH_VERSION is the
+# also needs) plus this project; `barlow-torchrun ... barlow train` (torchrun, exit codes aside) is the entrypoint. TORCH_VERSION is the
 # torch the image runs: inside pyproject's torch range (tests/test_docker.py checks) and >= 2.12, the
 # first torchrun that reads TORCH_ELASTIC_SHUTDOWN_TIMEOUT (how long the workers get to write their
 # SIGTERM checkpoint; older ones kill them after 30 s). The build fails if pip replaces it.
@@ -37,6 +37,7 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     && python -c "import sys, torch; v = torch.__version__.split('+')[0]; sys.exit(0 if v == '${TORCH_VERSION}' else 'torch ' + v + ' in the image, ${TORCH_VERSION} expected')"
 WORKDIR /home/barlow
 USER 10001:10001
-# torchrun stays PID 1 (exec form): on SIGTERM it signals the workers, which write a checkpoint.
+# torchrun's agent stays PID 1 (exec form): on SIGTERM it signals the workers, which write a checkpoint;
+# barlow-torchrun is torchrun with exit codes a Job can tell apart (143 on SIGTERM, 75: store unreachable).
 # --standalone is the one-machine launch; the Kubernetes Job replaces it with the multi-node line.
-ENTRYPOINT ["torchrun", "--standalone", "--nproc-per-node=gpu", "--max-restarts=3", "--no-python", "barlow", "train"]
+ENTRYPOINT ["barlow-torchrun", "--standalone", "--nproc-per-node=gpu", "--max-restarts=3", "--no-python", "barlow", "train"]

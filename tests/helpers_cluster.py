@@ -1,21 +1,23 @@
 """Two torchrun agents on this host, run as the training Job's two pods, and the faults a cluster does to them.
 
-Used by tests/test_cluster_faults.py and bench/cluster_faults.py. Each "pod" is one `torchrun` process
-started from the launch line `kubectl kustomize k8s/overlays/cpu` renders for the barlow-train Job
-(`--nnodes=2`, c10d rendezvous at pod 0's endpoint), with only what a pod's network and volumes give
-replaced: the rendezvous host becomes 127.0.0.1:<free port>, RUN_DIR and --config temp paths, the metrics
-port a free port per pod. Both pods share RUN_DIR (the PVC). One thing is added to the launch line:
-`is_host=1` (pod 0) / `is_host=0` (pod 1) in --rdzv-conf. In the cluster, torch decides who hosts the
-rendezvous store by matching the endpoint's name against the machine (pod 0's IP matches
-barlow-train-0.barlow-train, pod 1's does not); on one host both would match 127.0.0.1, and a pod-1 agent
-started while pod 0 is down would host the store itself, which no pod 1 in a cluster can do.
+Used by tests/test_cluster_faults.py and bench/cluster_faults.py. Each "pod" is one agent process started
+from the launch line `kubectl kustomize k8s/overlays/cpu` renders for the barlow-train Job (`barlow-torchrun
+--nnodes=2`, c10d rendezvous at pod 0's endpoint), with only what a pod's network and volumes give
+replaced: the rendezvous host becomes 127.0.0.1:<free port> (127.0.0.N:<another port> once pod 0 has
+moved), RUN_DIR and --config temp paths, the metrics port a free port per pod. Both pods share RUN_DIR
+(the PVC). One thing is added to the launch line: `is_host=1` (pod 0) / `is_host=0` (pod 1) in
+--rdzv-conf. In the cluster, torch decides who hosts the rendezvous store by matching the endpoint's name
+against the machine (pod 0's IP matches barlow-train-0.barlow-train, pod 1's does not); on one host both
+would match 127.0.0.1, and a pod-1 agent started while pod 0 is down would host the store itself, which
+no pod 1 in a cluster can do.
 
 `Cluster` is a small Indexed-Job controller: it starts one agent per index, and when an agent exits it
 applies the rendered Job's rules: exit 0 completes the index; any other exit goes through
 spec.podFailurePolicy (rules in order, onExitCodes / onPodConditions; a pod the harness "disrupted",
 i.e. preempted or evicted, carries the DisruptionTarget condition the kubelet/scheduler add), then
 backoffLimitPerIndex and maxFailedIndexes; a pod that is not the end of its index is replaced after
-`replace_delay` seconds (podReplacementPolicy: Failed, so only once the old one has exited).
+`replace_delay` seconds (podReplacementPolicy: Failed, so only once the old one has exited), and, as the
+Job's DNS-wait init container makes it, only while a pod 0 runs to resolve to.
 """
 
 from __future__ import annotations
@@ -64,14 +66,14 @@ def train_container(job: dict) -> dict:
     return next(c for c in job["spec"]["template"]["spec"]["containers"] if c["name"] == "train")
 
 
-def pod_command(job: dict, index: int, rdzv_port: int, run_dir: Path, config: Path,
+def pod_command(job: dict, index: int, rdzv_endpoint: str, run_dir: Path, config: Path,
                 extra: list[str] = ()) -> tuple[list[str], dict[str, str]]:
     """Pod `index`'s agent command and environment on this host."""
     container = train_container(job)
     command, env = container["command"], {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
     env.update(RUN_DIR=str(run_dir))
     expanded = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], token) for token in command]
-    replace = {"--rdzv-endpoint": f"127.0.0.1:{rdzv_port}", "--config": str(config),
+    replace = {"--rdzv-endpoint": rdzv_endpoint, "--config": str(config),
                "--metrics-port": str(free_port())}
     local = []
     for token in expanded:
@@ -131,9 +133,10 @@ class Pod:
 
 
 def last_error(text: str) -> str | None:
-    """The agent's last exception line, e.g. 'torch.distributed.elastic.rendezvous.api.RendezvousConnectionError: ...'."""
+    """The agent's last exception line, e.g. 'torch.distributed.elastic.rendezvous.api.RendezvousConnectionError: ...',
+    or barlow-torchrun's line saying why it exits."""
     lines = [line for line in text.splitlines() if re.match(r"^[\w.]*(Error|Exception|Timeout)\w*: ", line)
-             or "ChildFailedError" in line or "SignalException" in line]
+             or "ChildFailedError" in line or "SignalException" in line or line.startswith("barlow-torchrun: ")]
     return lines[-1][:300] if lines else None
 
 
@@ -186,7 +189,7 @@ class Cluster:
     """The Job's two pods on this host; see the module docstring."""
 
     def __init__(self, workdir: Path, config: Path, name: str, extra: list[str] = (), replace_delay: float = 2.0,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, move_store: bool = False):
         self.job = rendered_job()
         spec = self.job["spec"]
         self.completions = spec["completions"]
@@ -194,7 +197,9 @@ class Cluster:
         self.max_failed = spec.get("maxFailedIndexes", 0)
         self.workdir, self.config, self.name, self.extra = workdir, config, name, list(extra)
         self.run_dir = workdir / name
-        self.rdzv_port = free_port()
+        # Pod 0's address, what its DNS name resolves to. With move_store, each replacement of pod 0
+        # comes up at another one, as a new pod on another node would.
+        self.rdzv_endpoint, self.move_store = f"127.0.0.1:{free_port()}", move_store
         self.replace_delay, self.env = replace_delay, env or {}
         self.pods: dict[int, Pod] = {}
         self.history: list[Pod] = []
@@ -208,9 +213,13 @@ class Cluster:
 
     # pods
     def start(self, index: int) -> Pod:
-        command, env = pod_command(self.job, index, self.rdzv_port, self.run_dir, self.config, self.extra)
-        env.update(self.env)
         attempt = sum(p.index == index for p in self.history)
+        if index == 0 and attempt and self.move_store:
+            # Another loopback address and port: the store listens on every address, so only a new port
+            # makes the old address stop answering, as a vanished pod IP does.
+            self.rdzv_endpoint = f"127.0.0.{attempt + 1}:{free_port()}"
+        command, env = pod_command(self.job, index, self.rdzv_endpoint, self.run_dir, self.config, self.extra)
+        env.update(self.env)
         log = self.workdir / f"{self.name}-pod{index}-{attempt}.log"
         with log.open("w") as output:
             process = subprocess.Popen(command, env=env, cwd=self.workdir, stdout=output, stderr=subprocess.STDOUT,
@@ -255,7 +264,10 @@ class Cluster:
             if index not in self.failed_indexes and not self.job_failed:
                 self.pending[index] = now + self.replace_delay
         for index, when in list(self.pending.items()):
-            if now >= when and not self.job_failed:
+            # The DNS wait (init container): a pod's agent starts once pod 0's name resolves, i.e. while
+            # a pod 0 exists (publishNotReadyAddresses publishes it before it is ready).
+            resolves = index == 0 or (0 in self.pods and self.pods[0].process.poll() is None)
+            if now >= when and resolves and not self.job_failed:
                 del self.pending[index]
                 self.start(index)
 
@@ -332,14 +344,15 @@ def run_scenario(kind: str, workdir: Path, config: Path, reference: Path, name: 
     a: SIGTERM to pod 0's agent (a preemption: DisruptionTarget), replaced by the controller;
     b: the same for pod 1;
     c: kill -9 of pod 1's worker process (the agent's child);
-    d: pod 1's agent started `early` seconds before pod 0's, no fault.
+    d: pod 1's agent started `early` seconds before pod 0's, no fault;
+    e: as a, and pod 0's replacement comes up at another address (a new pod IP on another node).
     """
-    cluster = Cluster(workdir, config, name or f"scenario-{kind}", env=env)
+    cluster = Cluster(workdir, config, name or f"scenario-{kind}", env=env, move_store=kind == "e")
     started = time.monotonic()
     result: dict = {"scenario": kind}
     try:
         if kind == "d":
-            cluster.start(1)
+            cluster.start(1)  # pod 0's name already resolves; its container has not started
             time.sleep(early)  # the controller does not run meanwhile: pod 1 is on its own
             cluster.tick()
             result["pod1_alive_when_pod0_started"] = cluster.pods[1].process.poll() is None
@@ -352,8 +365,8 @@ def run_scenario(kind: str, workdir: Path, config: Path, reference: Path, name: 
             old_workers = cluster.workers(0) + cluster.workers(1)
             fault_at = time.monotonic()
             result["step_at_fault"] = cluster.watch.last_step()
-            if kind in ("a", "b"):
-                cluster.sigterm(0 if kind == "a" else 1)
+            if kind in ("a", "b", "e"):
+                cluster.sigterm(1 if kind == "b" else 0)
             elif kind == "c":
                 victim = cluster.workers(1)[0]
                 os.kill(victim, signal.SIGKILL)

@@ -146,7 +146,7 @@ def exec_form(arguments: str) -> list[str]:
 def test_train_image_runs_barlow_train_under_torchrun():
     final = stages(TRAIN)[-1]
     entrypoint = exec_form(only(final, "ENTRYPOINT"))
-    assert entrypoint[0] == "torchrun"
+    assert entrypoint[0] == "barlow-torchrun"
     assert entrypoint[-3:] == ["--no-python", "barlow", "train"]
     assert any(a.startswith("--max-restarts=") for a in entrypoint)
 

@@ -32,6 +32,7 @@ import pytest
 import yaml
 
 from helpers_tools import venv_tool
+from pipeline.train.launch import STORE_UNREACHABLE
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
@@ -358,7 +359,7 @@ def test_training_job_is_an_indexed_torchrun_rendezvous(variant):
 
     assert spec["completionMode"] == "Indexed"
     assert spec["completions"] == spec["parallelism"] == nodes, "N must agree: completions, parallelism, NNODES"
-    assert argv[0] == "torchrun"
+    assert argv[0] == "barlow-torchrun"  # torchrun with exit codes the failure policy tells apart
     assert flag(argv, "--nnodes") == str(nodes)
     assert flag(argv, "--nproc-per-node") == env["NPROC_PER_NODE"]
     assert flag(argv, "--rdzv-backend") == "c10d"
@@ -379,6 +380,16 @@ def test_training_job_is_an_indexed_torchrun_rendezvous(variant):
     assert any(f"getent hosts {host} " in w for w in waits), waits
 
 
+def store_unreachable_verdict(job_spec: dict) -> str | None:
+    """The action of the first podFailurePolicy rule matching barlow-torchrun's store-unreachable exit code."""
+    for rule in job_spec["podFailurePolicy"]["rules"]:
+        codes = rule.get("onExitCodes")
+        if codes and (STORE_UNREACHABLE in codes["values"]) == (codes["operator"] == "In"):
+            assert "containerName" not in codes, "the DNS wait (an init container) exits with it too"
+            return rule["action"]
+    return None
+
+
 @pytest.mark.parametrize("variant", ["cpu", "gpu"])
 def test_training_job_survives_preemption_and_checkpoints_on_sigterm(variant):
     job = find(variant, "Job", "barlow-train")
@@ -387,12 +398,17 @@ def test_training_job_survives_preemption_and_checkpoints_on_sigterm(variant):
     env = env_of(train)
 
     ignore = [r for r in spec["podFailurePolicy"]["rules"] if r["action"] == "Ignore"]
-    assert {"type": "DisruptionTarget", "status": "True"} in [c for r in ignore for c in r["onPodConditions"]]
+    assert {"type": "DisruptionTarget", "status": "True"} in [c for r in ignore for c in r.get("onPodConditions", [])]
     assert spec["backoffLimitPerIndex"] >= 1
     assert pod["restartPolicy"] == "Never"  # required by backoffLimitPerIndex and podFailurePolicy
     assert spec.get("podReplacementPolicy") == "Failed"
     # torchrun waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT for the SIGTERM checkpoint; the kubelet must wait longer.
     assert pod["terminationGracePeriodSeconds"] > int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) >= 60
+    # A pod that cannot reach pod 0's rendezvous store (barlow-torchrun, or the DNS wait giving up) is
+    # restarted without counting: pod 0 was preempted, or has not started yet.
+    assert store_unreachable_verdict(spec) == "Ignore"
+    waits = " ".join(" ".join(c["command"]) for c in pod["initContainers"])
+    assert waits.endswith(f"exit {STORE_UNREACHABLE}"), waits
 
     # Checkpoints (RUN_DIR) on the shared claim, which every node can read on resume.
     mounts = {m["mountPath"]: m["name"] for m in train["volumeMounts"]}
@@ -732,7 +748,7 @@ def test_barlow_command_line_is_accepted_by_the_cli(line, argv):
     parse_barlow(argv)
 
 
-@pytest.mark.parametrize("line, argv", collect("torchrun"))
+@pytest.mark.parametrize("line, argv", collect("torchrun") + collect("barlow-torchrun"))
 def test_torchrun_line_is_accepted_by_torchrun(line, argv):
     from torch.distributed.run import get_args_parser
 
@@ -1181,8 +1197,10 @@ def test_jobset_component_runs_the_same_pods_as_a_gang():
     # default action), counted against maxRestarts; a preemption (DisruptionTarget -> FailJob ->
     # reason PodFailurePolicy) restarts it without counting.
     assert child["backoffLimit"] == 0
-    fail_job = [c for r in child["podFailurePolicy"]["rules"] if r["action"] == "FailJob" for c in r["onPodConditions"]]
+    fail_job = [c for r in child["podFailurePolicy"]["rules"] if r["action"] == "FailJob"
+                for c in r.get("onPodConditions", [])]
     assert {"type": "DisruptionTarget", "status": "True"} in fail_job
+    assert store_unreachable_verdict(child) == "FailJob"  # the same reason: not counted either
     policy = jobset["spec"]["failurePolicy"]
     assert policy["maxRestarts"] >= 1 and policy["restartStrategy"] == "BlockingRecreate"
     first = next(r for r in policy["rules"] if "PodFailurePolicy" in r.get("onJobFailureReasons", []))
