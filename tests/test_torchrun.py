@@ -234,6 +234,8 @@ def test_sigterm_to_torchrun_checkpoints_the_current_step_and_the_run_resumes_ex
     text = log.read_text()
     assert "killed by signal" not in text, text[-3000:]
     assert "checkpointing and stopping" in text, text[-3000:]
+    # The agent's own exit code, what the Job's podFailurePolicy sees (torchrun alone exits 1).
+    assert torchrun.returncode == 128 + signal.SIGTERM, (torchrun.returncode, text[-3000:])
     stopped_at = safe_load(run_dir / "checkpoints/last.pt", TRAINING_FORMAT)["step"]
     assert signalled_at <= stopped_at == last_logged_step(run_dir) < STEPS, (signalled_at, stopped_at)
 
