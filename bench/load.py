@@ -10,8 +10,8 @@ near BARLOW_MAX_QUEUE_MS) must answer the excess with fast 503s: latency is repo
 The server runs with the service defaults (BARLOW_* unset). Merges "load" and "soak" into
 bench/results/reliability-<date>.json.
 
-Clients are closed loops that retry at once (no Retry-After back-off: the worst case), aiohttp with
-pre-encoded bodies, spread over --client-processes processes on the same cores as the server. Each
+Clients are bench/loadgen.py's closed loops (retry at once, aiohttp, bodies built once), spread over
+--client-processes processes on the same cores as the server. Each
 level also records "server_side": the server's own barlow_request_seconds histogram over the level
 (bucket bounds of p50/p99 per status), so the server's time is told apart from the load generator's.
 """
@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import datetime
 import json
-import multiprocessing
 import os
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from loadgen import bodies, client_pool, post, run_clients  # noqa: E402
 from serve_throughput import jpegs, server_runtime  # noqa: E402
 
 from pipeline.serve import start_server  # noqa: E402
@@ -96,83 +96,16 @@ def summary(latencies: list[float], statuses: Counter, seconds: float, images: i
             "seconds": round(seconds, 1)}
 
 
-BOUNDARY = "barlowloadboundary"
-CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
-
-
-def multipart(blobs: list[bytes]) -> bytes:
-    """One /embed body with an `images` part per blob, built once: encoding forms per request would
-    cost the load generator more CPU than the server spends rejecting them."""
-    parts = [f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="images"; filename="{i}.jpg"\r\n'
-             f"Content-Type: image/jpeg\r\n\r\n".encode() + blob + b"\r\n" for i, blob in enumerate(blobs)]
-    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
-
-
-def bodies(blobs: list[bytes], images: int) -> list[bytes]:
-    return [multipart([blobs[(n + i) % len(blobs)] for i in range(images)]) for n in range(len(blobs))]
-
-
-async def post(http, body: bytes) -> str:
-    import aiohttp
-
-    try:
-        async with http.post("/embed", data=body, headers={"Content-Type": CONTENT_TYPE}) as response:
-            await response.read()
-            return str(response.status)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:  # timeouts, refused or dropped connections count too
-        return type(exc).__name__
-
-
-def client_pool(url: str, clients: int):
-    """aiohttp, not httpx: httpx's pool costs O(connections) CPU per request, which made a one-process
-    load generator with 128+ connections the bottleneck on a 2-core machine (it measured itself)."""
-    import aiohttp
-
-    connector = aiohttp.TCPConnector(limit=clients, limit_per_host=clients)
-    return aiohttp.ClientSession(base_url=url, connector=connector, timeout=aiohttp.ClientTimeout(total=120))
-
-
-async def closed_loops(url: str, payloads: list[bytes], clients: int, first: int, warmup: float,
-                       seconds: float) -> tuple[list[tuple[str, float]], float]:
-    """`clients` closed loops for warm-up + seconds: (status, latency) of the requests started in the window."""
-    outcomes = []
-    begin = time.perf_counter()
-    measure_from, measure_to = begin + warmup, begin + warmup + seconds
-
-    async def client(n: int, http) -> None:
-        while (start := time.perf_counter()) < measure_to:
-            status = await post(http, payloads[n % len(payloads)])
-            n += clients
-            if start >= measure_from:
-                outcomes.append((status, time.perf_counter() - start))
-
-    async with client_pool(url, clients) as http:
-        await asyncio.gather(*(client(first + i, http) for i in range(clients)))
-    return outcomes, time.perf_counter() - measure_from
-
-
-def client_process(job: tuple) -> tuple[list[tuple[str, float]], float]:
-    return asyncio.run(closed_loops(*job))
-
-
 def level(url: str, blobs: list[bytes], clients: int, images: int, warmup: float, seconds: float,
           processes: int = 1) -> dict:
     """C clients in closed loops, spread over `processes` client processes (one asyncio loop each)."""
-    payloads = bodies(blobs, images)
-    shares = [clients // processes + (p < clients % processes) for p in range(processes)]
-    jobs = [(url, payloads, share, sum(shares[:p]), warmup, seconds) for p, share in enumerate(shares) if share]
-    if len(jobs) == 1:
-        results = [client_process(jobs[0])]
-    else:
-        with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
-            results = pool.map(client_process, jobs)
+    outcomes, elapsed = run_clients(url, bodies(blobs, images), clients, processes, warmup, seconds)
     latencies, statuses, by_status = [], Counter(), {}
-    for outcomes, _ in results:
-        for status, latency in outcomes:
-            latencies.append(latency)
-            statuses[status] += 1
-            by_status.setdefault(status, []).append(latency)
-    return summary(latencies, statuses, max(elapsed for _, elapsed in results), images, by_status)
+    for status, latency in outcomes:
+        latencies.append(latency)
+        statuses[status] += 1
+        by_status.setdefault(status, []).append(latency)
+    return summary(latencies, statuses, elapsed, images, by_status)
 
 
 async def soak(url: str, pid: int, blobs: list[bytes], clients: int, total: int) -> dict:
