@@ -126,8 +126,7 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
 
     validation: dict[str, float] = {}
     held_out = max(1, round(val_fraction * len(x)))
-    chosen, fitted_on = 0, slice(None)
-    layer = None
+    chosen, chosen_head, fitted_on, layer = 0, 0, slice(None), None
     if len(weight_decays) > 1 and len(x) - held_out >= 2:
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).to(device)
         val, part = order[:held_out], order[held_out:]
@@ -142,11 +141,9 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
             if accuracy > best or (accuracy == best and wd < weight_decays[chosen]):  # ties: the smaller decay
                 best, chosen = accuracy, head
         if joint is not None:
-            layer, fitted_on = joint, part
+            layer, chosen_head, fitted_on = joint, chosen, part
     if layer is None:  # one decay, or the separate sweep's refit of the chosen one on all of train
-        layer, chosen_head = fit_linear(x, y, classes, (weight_decays[chosen],), **fit), 0
-    else:
-        chosen_head = chosen
+        layer = fit_linear(x, y, classes, (weight_decays[chosen],), **fit)
     with torch.no_grad():
         result = topk_accuracy(head_logits(layer, test, classes, chosen_head), torch.from_numpy(test_y).to(device))
         train_top1 = float((head_logits(layer, x[fitted_on], classes, chosen_head).argmax(1) == y[fitted_on]).float().mean())

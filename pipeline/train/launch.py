@@ -32,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"barlow-torchrun: stopped by signal {exc.sigval.name}: exit {128 + int(exc.sigval)}", file=sys.stderr)
         return 128 + int(exc.sigval)
     except RendezvousConnectionError as exc:
-        cause = f" ({str(exc.__cause__).splitlines()[0]})" if str(exc.__cause__ or "") else ""
-        print(f"barlow-torchrun: the rendezvous store cannot be reached{cause}: exit {STORE_UNREACHABLE}, "
+        cause = str(exc.__cause__ or "").partition("\n")[0]  # torch's own message, without its C++ frames
+        print(f"barlow-torchrun: the rendezvous store cannot be reached{f' ({cause})' if cause else ''}: "
+              f"exit {STORE_UNREACHABLE}, "
               "a retry without the Job counting a failure", file=sys.stderr)
         return STORE_UNREACHABLE
     return 0
