@@ -1,13 +1,16 @@
-"""Serving throughput: raw ONNX Runtime images/s at batch B (before and after serving; the faster counts),
-then /embed images/s with C concurrent clients each sending one JPEG per request (--images-per-request
-N: N), p50/p99 latency, and served/raw, in one run. The clients are bench/loadgen.py's, on the same
-cores as the server, and admission control admits them all (capacity, not shedding).
+"""Serving throughput: raw ONNX Runtime images/s at batch B and /embed images/s with C concurrent clients
+each sending one JPEG per request (--images-per-request N: N), in alternating rounds, p50/p99 latency,
+and served/raw, in one run. The clients are bench/loadgen.py's, on the same cores as the server, and
+admission control admits them all (capacity, not shedding).
 
-served/raw says what the HTTP path (multipart, decode, the hop to the batched encoder, JSON) costs
-against the model alone. `provider` and `precision` are what the server's /model says runs, not what
-this script expects. --response-format npy has the clients ask for .npy bodies (Accept:
-application/x-npy); every record also times the server's own serialisation of a 64 x 2048 response
-as JSON floats and as .npy (serving/responses.py, the functions /embed calls).
+served/raw says what the HTTP path (multipart, decode, the hop to the encoder where there is one, JSON)
+costs against the model alone. This machine's speed drifts by a third within minutes, so raw and served
+are measured in turns (raw, served, raw, served, ..., raw): each served round is compared with the mean
+of the raw rounds on either side, and the record's ratio is the median of those (every round is kept).
+`provider` and `precision` are what the server's /model says runs, not what this script expects.
+--response-format npy has the clients ask for .npy bodies (Accept: application/x-npy); every record also
+times the server's own serialisation of a 64 x 2048 response as JSON floats and as .npy
+(serving/responses.py, the functions /embed calls).
 Writes bench/results/serve-<device>-<arch>-<size>px[-<N>-per-request]-<date>.json.
 
     python bench/serve_throughput.py                                    # CPU: fmnist model, 32 px
@@ -25,6 +28,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -46,13 +50,6 @@ from common import (RESULTS, commit, device_label, random_model,  # noqa: E402  
 ACCEPT = {"json": "application/json", "npy": NPY}
 
 
-
-
-
-
-
-
-
 def jpegs(count: int, image_size: int) -> list[bytes]:
     """Photo-like JPEGs a little larger than the eval size, as a client would send them."""
     rng = np.random.default_rng(0)
@@ -68,23 +65,50 @@ def jpegs(count: int, image_size: int) -> list[bytes]:
     return blobs
 
 
-def raw_throughput(model_dir: Path, batch: int, seconds: float, mixed: bool = True) -> tuple[float, float, list[str]]:
-    """Images/s of the session alone, configured as the server configures it: at a fixed batch B,
-    and (mixed) cycling through every size 1..B as adaptive batches do (shape changes can cost on GPUs;
-    nan when not measured)."""
-    encoder = OnnxModel(resolve_model_dir(model_dir), os.environ.get("BARLOW_DEVICE", "auto"), max_batch=batch)
-    images = np.random.default_rng(0).integers(0, 256, (batch, 3, encoder.image_size, encoder.image_size),
-                                               dtype=np.uint8)
-    encoder.warm_up(tuple(range(1, batch + 1)))
-    rates = []
-    for sizes in ([batch], list(range(1, batch + 1)))[:2 if mixed else 1]:
-        done, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / 2:
-            for size in sizes:
-                encoder(images[:size])
-                done += size
-        rates.append(done / (time.perf_counter() - start))
-    return rates[0], rates[1] if mixed else float("nan"), encoder.providers
+class RawSessions:
+    """The sessions alone, configured as the server configures them (BARLOW_DEVICE, BARLOW_THREADS,
+    BARLOW_ENCODER, BARLOW_WORKERS): as many sessions with as many threads, run side by side, each at batch B."""
+
+    def __init__(self, model_dir: Path, batch: int, settings: Settings):
+        self.threads = settings.session_threads() or usable_cpus()
+        self.count = settings.sessions_per_worker() * (settings.http_workers() if settings.encoder_place() == "worker" else 1)
+        self.sessions = [OnnxModel(resolve_model_dir(model_dir), settings.device, self.threads, max_batch=batch)
+                         for _ in range(self.count)]
+        self.batch, self.providers = batch, self.sessions[0].providers
+        size = self.sessions[0].image_size
+        self.images = np.random.default_rng(0).integers(0, 256, (batch, 3, size, size), dtype=np.uint8)
+        for session in self.sessions:
+            session.warm_up(tuple(range(1, batch + 1)))
+
+    def images_per_s(self, seconds: float, sizes: list[int] | None = None) -> float:
+        """At batch B, or cycling through `sizes` (range(1, B + 1): as adaptive batches come)."""
+        sizes = sizes or [self.batch]
+        done = [0] * self.count
+        stop = time.perf_counter() + seconds
+
+        def run(number: int) -> None:
+            while time.perf_counter() < stop:
+                for size in sizes:
+                    self.sessions[number](self.images[:size])
+                    done[number] += size
+
+        start = time.perf_counter()
+        threads = [threading.Thread(target=run, args=(number,)) for number in range(self.count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return sum(done) / (time.perf_counter() - start)
+
+
+def server_settings(env: dict[str, str]) -> Settings:
+    """The settings the server reads from `env` that decide how its session runs (BARLOW_DEVICE, ...)."""
+    def number(name: str) -> int:
+        return int(env.get(name) or 0)
+
+    return Settings(device=env.get("BARLOW_DEVICE", os.environ.get("BARLOW_DEVICE", "auto")),
+                    encoder=env.get("BARLOW_ENCODER", "auto"), threads=number("BARLOW_THREADS"),
+                    workers=number("BARLOW_WORKERS"))
 
 
 def serialisation_ms(rows: int = 64, dim: int = 2048, repeats: int = 20) -> dict:
@@ -147,7 +171,9 @@ def main() -> int:
     parser.add_argument("--images-per-request", type=int, default=1,
                         help="images in each /embed request (default %(default)s)")
     parser.add_argument("--batch", type=int, default=0, help="B for the raw measurement (default: C)")
-    parser.add_argument("--seconds", type=float, default=20, help="each measurement (default %(default)s)")
+    parser.add_argument("--seconds", type=float, default=10, help="each measurement (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="served rounds, each between two raw ones "
+                        "(default %(default)s)")
     parser.add_argument("--warmup", type=float, default=5, help="served warm-up, not counted (default %(default)s)")
     parser.add_argument("--workers", type=int, default=0,
                         help="Embedder (HTTP) worker processes (default 0: the server's own, usable CPUs - 1)")
@@ -166,8 +192,6 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         model_dir = args.model_dir or random_model(Path(tmp), args.arch, args.image_size)
         info = json.loads((resolve_model_dir(model_dir) / "model.json").read_text())
-        raw_before, raw_mixed, providers = raw_throughput(model_dir, batch, args.seconds)
-        print(f"raw ONNX Runtime ({providers[0]}): {raw_before:.1f} images/s at batch {batch}", flush=True)
         # Capacity, not shedding: admission control admits every client's request (C x N images in
         # flight), or clients that retry a 503 at once measure an overload storm (bench/load.py's part).
         env = {"BENTOML_HOME": str(Path(tmp) / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
@@ -175,37 +199,53 @@ def main() -> int:
                "BARLOW_MAX_INFLIGHT_IMAGES": str(max(args.clients * args.images_per_request, 2 * max(batch, args.clients))),
                "BARLOW_MAX_QUEUE_MS": "0",
                **dict(item.split("=", 1) for item in args.server_env)}
+        raw_session = RawSessions(model_dir, batch, server_settings(env))
+        providers = raw_session.providers
+        raw_mixed = raw_session.images_per_s(args.seconds, list(range(1, batch + 1)))
+        raws = [raw_session.images_per_s(args.seconds)]
+        print(f"raw ONNX Runtime ({providers[0]}, {raw_session.count} x {raw_session.threads} threads): "
+              f"{raws[0]:.1f} images/s at batch {batch}", flush=True)
         server = start_server(model_dir, env=env, log_file=Path(tmp) / "server.log")
+        rounds = []
         try:
             runtime = server_runtime(server.url)
-            served = served_throughput(server.url, jpegs(64, info["image_size"]), args.clients,
-                                       args.client_processes, args.warmup, args.seconds,
-                                       ACCEPT[args.response_format], args.images_per_request)
-            served["server"] = server_metrics(server.url)
+            blobs = jpegs(64, info["image_size"])
+            for number in range(args.rounds):
+                served = served_throughput(server.url, blobs, args.clients, args.client_processes,
+                                           args.warmup if number == 0 else 1, args.seconds,
+                                           ACCEPT[args.response_format], args.images_per_request)
+                raws.append(raw_session.images_per_s(args.seconds))  # the server idles meanwhile
+                served["over_raw"] = served["served_images_per_s"] / ((raws[-2] + raws[-1]) / 2)
+                rounds.append(served)
+                print(f"round {number + 1}: served {served['served_images_per_s']:.1f} images/s, raw "
+                      f"{raws[-1]:.1f}, served/raw {served['over_raw']:.3f}", flush=True)
+            server_side = server_metrics(server.url)
         finally:
             server.stop()
             if args.log:
                 shutil.copy(server.log_path, args.log)
-        # Raw again once the server is gone: on a noisy machine one raw figure can be low by a third, which
-        # flatters served/raw; the ratio takes the faster of the two.
-        raw_after, _, _ = raw_throughput(model_dir, batch, args.seconds, mixed=False)
-        raw = max(raw_before, raw_after)
+        median = rounds[int(np.argsort([r["over_raw"] for r in rounds])[len(rounds) // 2])]  # the median round
 
     device = device_label(gpu_available())
     record = {
         "device": device,
         "commit": commit(),
-        "raw_images_per_s": round(raw, 1),
-        "raw_images_per_s_before_after": [round(raw_before, 1), round(raw_after, 1)],
+        "served_over_raw": round(median["over_raw"], 3),  # the median round's
+        "served_images_per_s": round(median["served_images_per_s"], 1),
+        "raw_images_per_s": round(float(np.median(raws)), 1),
+        "p50_ms": round(median["p50_ms"], 1),
+        "p99_ms": round(median["p99_ms"], 1),
+        "rounds": [{"served_images_per_s": round(r["served_images_per_s"], 1), "over_raw": round(r["over_raw"], 3),
+                    "p50_ms": round(r["p50_ms"], 1), "p99_ms": round(r["p99_ms"], 1)} for r in rounds],
+        "raw_images_per_s_rounds": [round(raw, 1) for raw in raws],  # before round 1, then after each
         "raw_mixed_batches_images_per_s": round(raw_mixed, 1),
-        "served_images_per_s": round(served["served_images_per_s"], 1),
-        "served_over_raw": round(served["served_images_per_s"] / raw, 3),
-        "p50_ms": round(served["p50_ms"], 1),
-        "p99_ms": round(served["p99_ms"], 1),
         "clients": args.clients,
         "images_per_request": args.images_per_request,
         "batch": batch,
-        "workers": Settings(workers=args.workers).http_workers(),
+        "encoder": server_settings(env).encoder_place(),  # in the HTTP worker, or its own process
+        "workers": server_settings(env).http_workers(),
+        "sessions": raw_session.count,  # in all workers, as the raw figure ran them
+        "session_threads": raw_session.threads,
         "client_processes": args.client_processes,
         "model": {"arch": info["arch"], "image_size": info["image_size"], "dim": info["dim"]},
         "provider": runtime["provider"],  # the server's /model: what ran, not what was expected
@@ -213,10 +253,10 @@ def main() -> int:
         "providers": providers,  # the raw measurement's session
         "response_format": args.response_format,
         **serialisation_ms(),  # after the server stopped: nothing else on the cores
-        "server": served["server"],
+        "server": server_side,
         "server_env": {k: v for k, v in env.items() if k.startswith("BARLOW_")},
-        "requests": served["requests"],
-        "failures": served["failures"],
+        "requests": sum(r["requests"] for r in rounds),
+        "failures": dict(sum((Counter(r["failures"]) for r in rounds), Counter())),
         "seconds": args.seconds,
         "cpus": usable_cpus(),
         "load_average_1m_at_start": round(load_at_start, 2),  # other work on the machine skews both numbers
@@ -226,6 +266,8 @@ def main() -> int:
     # one record per model and request shape: the CPU and GPU suites run several
     model = f"{info['arch']}-{info['image_size']}px" + (f"-{args.images_per_request}-per-request"
                                                         if args.images_per_request > 1 else "")
+    if "BARLOW_ENCODER" in env:  # a placement asked for, not the device's default
+        model += f"-encoder-{env['BARLOW_ENCODER']}"
     path = args.out / f"serve-{device.lower()}-{model}-{datetime.date.today().isoformat()}.json"
     write_record(path, record)
     print(json.dumps(record, indent=2))

@@ -194,7 +194,7 @@ class OnnxModel:
                         else "cpu (torch sees no GPU)")
         providers = execution_providers(self.device, self.image_size, max_batch, Path(model_dir) / ".trt-cache")
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or usable_cpus()
+        self.threads = options.intra_op_num_threads = threads or usable_cpus()
         options.inter_op_num_threads = 1
         # Spinning threads would steal the CPU that request handlers and decode workers need.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -220,7 +220,7 @@ class OnnxModel:
     def runtime(self) -> dict[str, Any]:
         """What runs, for /model and the barlow_encoder_info metric: `sha256` is of the ONNX file loaded."""
         return {"provider": self.provider, "providers": list(self.providers), "device": self.device,
-                "requested_device": self.requested, "precision": self.precision,
+                "requested_device": self.requested, "precision": self.precision, "threads": self.threads,
                 "version": self.info.get("version"), "file": self.onnx_path.name, "sha256": self.onnx_sha256}
 
     def __call__(self, images: np.ndarray) -> np.ndarray:

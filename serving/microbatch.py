@@ -23,6 +23,7 @@ the calls already running for others are never cancelled with it. Pure asyncio: 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -104,45 +105,135 @@ class MicroBatcher(Generic[T, R]):
     def _flush(self) -> None:
         self.scheduled = False
         while self._due():
-            pieces: list[tuple[_Request, int, int]] = []
-            room = self.max_size
-            while room and self.queue:
-                request = self.queue[0]
-                end = min(len(request.items), request.sent + room)
-                pieces.append((request, request.sent, end))
-                room -= end - request.sent
-                self.queued -= end - request.sent
-                request.sent = end
-                if end == len(request.items):
-                    self.queue.popleft()
+            pieces, taken = take(self.queue, self.max_size)
+            self.queued -= taken
             self.in_flight += 1
             task = asyncio.get_running_loop().create_task(self._run(pieces))
             self.calls.add(task)
             task.add_done_callback(self.calls.discard)
 
-    async def _run(self, pieces: list[tuple[_Request, int, int]]) -> None:
-        items = [item for request, start, end in pieces for item in request.items[start:end]]
+    async def _run(self, pieces: list[Piece]) -> None:
         try:
-            results = await self.call(items)
-            if len(results) != len(items):
-                raise RuntimeError(f"the call returned {len(results)} results for {len(items)} items")
+            results = await self.call(items_of(pieces))
+            finished = fill(pieces, results)
         except asyncio.CancelledError:  # the loop is shutting down
             for request, _, _ in pieces:
                 request.future.cancel()
             raise
         except Exception as exc:
             for request, _, _ in pieces:
-                if not request.future.done():
-                    request.future.set_exception(exc)
+                settle(request.future, exception=exc)
                 self._withdraw(request)  # its other items need not go out: it failed already
         else:
-            offset = 0
-            for request, start, end in pieces:
-                request.results[start:end] = results[offset : offset + end - start]
-                offset += end - start
-                request.done += end - start
-                if request.done == len(request.items) and not request.future.done():
-                    request.future.set_result(request.results)
+            for request in finished:
+                settle(request.future, request.results)
         finally:
             self.in_flight -= 1
             self._schedule()
+
+
+class ThreadBatcher(Generic[T, R]):
+    """`await batcher.submit(items)` -> a call's results for those items, with each of `calls` run on a
+    thread of its own: a free thread takes every item queued (at most `max_size`) the moment its last
+    call ends. For encoders in the same process: the event loop keeps parsing requests while they run
+    (ONNX Runtime releases the GIL), and no encoder waits for a turn of that loop, which is busy, to be
+    fed. Several calls (one ONNX Runtime session each) run side by side. Same per-request results,
+    splitting, failures and withdrawal as MicroBatcher."""
+
+    def __init__(self, calls: Sequence[Callable[[list[T]], Sequence[R]]], max_size: int, name: str = "encoder"):
+        if max_size < 1 or not calls:
+            raise ValueError("max_size must be at least 1, and there must be a call")
+        self.max_size = max_size
+        self.queue: deque[_Request] = deque()
+        self.queued = 0
+        self.ready = threading.Condition()
+        for number, call in enumerate(calls):
+            threading.Thread(target=self._work, args=(call,), name=f"{name}-{number}", daemon=True).start()
+
+    async def submit(self, items: Sequence[T]) -> list[R]:
+        if not items:
+            return []
+        request = _Request(list(items), asyncio.get_running_loop().create_future())
+        with self.ready:
+            self.queue.append(request)
+            self.queued += len(request.items)
+            self.ready.notify()
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            with self.ready:
+                self._withdraw(request)
+            raise
+
+    def _withdraw(self, request: _Request) -> None:
+        if request in self.queue:
+            self.queue.remove(request)
+            self.queued -= len(request.items) - request.sent
+
+    def _work(self, call: Callable[[list[T]], Sequence[R]]) -> None:
+        while True:
+            with self.ready:
+                while not self.queued:
+                    self.ready.wait()
+                pieces, taken = take(self.queue, self.max_size)
+                self.queued -= taken
+                if self.queued:  # more than one call's worth: another free thread takes the rest
+                    self.ready.notify()
+            try:
+                finished = fill(pieces, call(items_of(pieces)))
+            except Exception as exc:
+                with self.ready:
+                    for request, _, _ in pieces:
+                        self._withdraw(request)
+                for request, _, _ in pieces:
+                    request.future.get_loop().call_soon_threadsafe(settle, request.future, None, exc)
+            else:
+                for request in finished:
+                    request.future.get_loop().call_soon_threadsafe(settle, request.future, request.results)
+
+
+Piece = tuple[_Request, int, int]  # a request and the slice [start, end) of its items in one call
+
+
+def take(queue: deque[_Request], room: int) -> tuple[list[Piece], int]:
+    """Up to `room` items from the front of the queue, splitting a request that does not fit (its rest stays
+    first in line): the pieces for one call and how many items they hold."""
+    pieces: list[Piece] = []
+    taken = 0
+    while taken < room and queue:
+        request = queue[0]
+        end = min(len(request.items), request.sent + room - taken)
+        pieces.append((request, request.sent, end))
+        taken += end - request.sent
+        request.sent = end
+        if end == len(request.items):
+            queue.popleft()
+    return pieces, taken
+
+
+def items_of(pieces: list[Piece]) -> list[Any]:
+    return [item for request, start, end in pieces for item in request.items[start:end]]
+
+
+def fill(pieces: list[Piece], results: Sequence[Any]) -> list[_Request]:
+    """Store one call's results in their requests: the requests that now have all of theirs."""
+    if len(results) != sum(end - start for _, start, end in pieces):
+        raise RuntimeError(f"the call returned {len(results)} results for {len(items_of(pieces))} items")
+    finished, offset = [], 0
+    for request, start, end in pieces:
+        request.results[start:end] = results[offset : offset + end - start]
+        offset += end - start
+        request.done += end - start
+        if request.done == len(request.items):
+            finished.append(request)
+    return finished
+
+
+def settle(future: asyncio.Future, result: Any = None, exception: BaseException | None = None) -> None:
+    """Resolve a request's future unless it is done already (cancelled, or failed by an earlier call)."""
+    if future.done():
+        return
+    if exception is not None:
+        future.set_exception(exception)
+    else:
+        future.set_result(result)

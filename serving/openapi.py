@@ -153,7 +153,7 @@ SCHEMAS = {
         "version": {"type": "string", "description": "the MODEL_DIR version this server resolved at start"},
         "onnx_sha256": {"type": "string", "description": "sha256 of the version's model.onnx"},
         "runtime": {"type": "object", "nullable": True,
-                    "description": "what runs the model in the encoder process; null until the service is ready",
+                    "description": "what runs the model; null until the service is ready",
                     "required": ["provider", "providers", "device", "precision"], "properties": {
                         "provider": {"type": "string", "description": "the active ONNX Runtime provider"},
                         "providers": {"type": "array", "items": {"type": "string"}},
@@ -162,7 +162,12 @@ SCHEMAS = {
                         "precision": {"type": "string", "enum": ["fp32", "fp16"]},
                         "version": {"type": "string", "nullable": True},
                         "file": {"type": "string", "description": "model.onnx or model-fp16.onnx: the file loaded"},
-                        "sha256": {"type": "string", "description": "sha256 of the file loaded"}}}}},
+                        "sha256": {"type": "string", "description": "sha256 of the file loaded"},
+                        "encoder": {"type": "string", "enum": ["worker", "process"],
+                                    "description": "BARLOW_ENCODER: in each HTTP worker, or in its own process"},
+                        "sessions": {"type": "integer", "description": "ONNX Runtime sessions per HTTP worker "
+                                     "(worker) or in the encoder process (process)"},
+                        "threads": {"type": "integer", "description": "intra-op threads of each session"}}}}},
 }
 PROBES = {  # what BentoML's probes answer besides its documented 200
     "/readyz": {"503": {"description": "Not ready: warming up, or the encoder is restarting",

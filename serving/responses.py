@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 import numpy as np
+import orjson
 
 from serving.requests import RequestError
 
@@ -129,9 +130,13 @@ def as_dtype(embeddings: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def json_floats(name: str, dim: int, embeddings: np.ndarray) -> bytes:
-    """The default body: {"model", "dim", "embeddings": [[...], ...]} (what Starlette's JSONResponse writes)."""
-    body = {"model": name, "dim": dim, "embeddings": np.asarray(embeddings, dtype=np.float32).tolist()}
-    return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    """The default body: {"model", "dim", "embeddings": [[...], ...]}. Each number is the shortest decimal
+    that reads back as the same float32 (orjson): about 20x faster and about half the bytes of Python's
+    json module, which writes each float32 widened to float64 (0.1 as 0.10000000149011612)."""
+    array = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if not np.isfinite(array).all():  # orjson would write null: a broken model must not look like data
+        raise ValueError("an embedding is not finite")
+    return orjson.dumps({"model": name, "dim": dim, "embeddings": array}, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def json_base64(name: str, dim: int, embeddings: np.ndarray, dtype: str = "float32") -> bytes:

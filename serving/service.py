@@ -1,23 +1,24 @@
 """The /embed API: `bentoml serve serving.service:Embedder` (configured by BARLOW_* variables).
 
-Two BentoML services. `Embedder` (public) owns the HTTP surface: auth, parsing and image decoding happen
-in its request handlers, so only valid arrays go further. `BatchedModel` (a dependency, its own process
-on a private unix socket) holds the ONNX Runtime session behind `batchable` APIs: BentoML merges
-concurrent requests into adaptive batches there, and one client's bad image can never fail a batch it
-shares with others. Each Embedder worker first merges its own concurrent requests into one encoder call
-(serving/microbatch.py). BARLOW_DECODE=encoder (auto: on CUDA/TensorRT) moves JPEG decoding into
-BatchedModel (pipeline/data/device_decode.py, nvJPEG on a GPU): the workers still check every header, so
-a bad image is refused before anything is queued, and send JPEG bytes instead of arrays; a JPEG that
-only the decoder finds corrupt comes back as a per-image error, failing its own request only. /embed and
-/embed_base64 are plain Starlette routes mounted on the service, because BentoML's typed multipart
-inputs answer some malformed bodies with 500 (and fetch URLs given in file fields); /readyz, /livez,
-/metrics are BentoML's own, and /docs.json is BentoML's OpenAPI document with these routes added
-(serving/openapi.py). Overload, slow uploads and a restarting model process get 503/408 JSON answers at
-once (serving/limits.py says what bounds what). Responses are JSON floats, or .npy / base64 on request
-(serving/responses.py). A model process that cannot start (e.g. BARLOW_DEVICE=cuda and no working CUDA
-provider) stops the whole server with a non-zero exit instead of being restarted forever
-(serving/startup.py); /model and the barlow_encoder_info metric say which provider, device and precision
-actually run.
+`Embedder` (public) owns the HTTP surface: auth, parsing and image decoding happen in its request
+handlers, so only valid arrays go further. The encoder (serving/encoder.py) runs where BARLOW_ENCODER
+says: in each Embedder worker (the CPU default: single-threaded sessions side by side, each fed by its
+own thread, serving/microbatch.py's ThreadBatcher), or in `BatchedModel` (the GPU default: its own
+process on a private unix socket, behind `batchable` APIs that merge the calls of all workers into
+adaptive batches; each worker first merges its own concurrent requests into one call, MicroBatcher).
+Either way one client's bad image never fails a batch it shares with others. BARLOW_DECODE=encoder
+(auto: on CUDA/TensorRT) moves JPEG decoding into the encoder (pipeline/data/device_decode.py, nvJPEG on
+a GPU): the workers still check every header, so a bad image is refused before anything is queued, and
+send JPEG bytes instead of arrays; a JPEG that only the decoder finds corrupt comes back as a per-image
+error, failing its own request only. /embed and /embed_base64 are plain Starlette routes mounted on the
+service, because BentoML's typed multipart inputs answer some malformed bodies with 500 (and fetch URLs
+given in file fields); /readyz, /livez, /metrics are BentoML's own, and /docs.json is BentoML's OpenAPI
+document with these routes added (serving/openapi.py). Overload, slow uploads and a restarting model
+process get 503/408 JSON answers at once (serving/limits.py says what bounds what). Responses are JSON
+floats, or .npy / base64 on request (serving/responses.py). An encoder that cannot start (e.g.
+BARLOW_DEVICE=cuda and no working CUDA provider) stops the whole server with a non-zero exit instead of
+being restarted forever (serving/startup.py); /model and the barlow_encoder_info metric say which
+provider, device and precision actually run.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 
 import anyio
 import bentoml
@@ -37,13 +39,13 @@ from starlette.routing import Route
 
 from pipeline.data.device_decode import device_decodable, sample_jpeg
 from pipeline.errors import UserError
-from pipeline.runtime import OnnxModel, l2_normalize, load_model_info, usable_cpus
+from pipeline.runtime import l2_normalize, load_model_info, usable_cpus
 from serving import metrics
-from serving.batching import GPU_PROVIDERS, bucket_for, bucket_sizes, pad_rows
 from serving.drain import IdleDrain
+from serving.encoder import Encoder, decode_place
 from serving.limits import Admission, Gate, Unavailable, body_deadline
 from serving.openapi import openapi_document
-from serving.microbatch import MicroBatcher
+from serving.microbatch import MicroBatcher, ThreadBatcher
 from serving.requests import (EmbedRequest, RequestError, check_body_size, check_headers, check_token, encoder_items,
                               header_pixels, parse_base64_json, parse_multipart, preprocess_all, read_body)
 from serving.responses import ResponseFormat, negotiate, render
@@ -56,6 +58,7 @@ for _name in ("serving", "pipeline"):  # BentoML's server logging config sets th
     logging.getLogger(_name).setLevel(logging.INFO)
 
 SETTINGS = settings_from_env()  # read at import: the decorators below need the batch and worker counts
+ENCODER_PLACE = SETTINGS.encoder_place()  # worker: no BatchedModel process (serving/encoder.py)
 TIMEOUT_S = 60
 # BentoML 1.4.40 replaces its client session to a dependency every 100 requests or 300 s and closes
 # the old one with requests still in flight on it (503s under load); on a private socket there is
@@ -71,97 +74,47 @@ NO_RUNNER_PROBE = {"enabled": False, "timeout": READY_TIMEOUT_S, "period": 10}
 WARM_UP_TIMEOUT_S = 15
 
 
-def decode_place(setting: str, provider: str) -> str:
-    """BARLOW_DECODE resolved: `worker` or `encoder`; auto decodes in the encoder when it runs on a GPU
-    (nvJPEG there is far faster than PIL in the workers), else in the workers (on a CPU the encoder's
-    CPUs are the model's, and the workers' decoding runs beside it)."""
-    if setting != "auto":
-        return setting
-    return "encoder" if provider in GPU_PROVIDERS else "worker"
-
-
 @bentoml.service(name="barlow-batched-model", workers=1, threads=1, traffic={"timeout": TIMEOUT_S},
                  runner_connection=NEVER_REFRESH)
 class BatchedModel:
     """The ONNX model behind an adaptive batcher; called only by Embedder."""
 
     def __init__(self) -> None:
-        settings = SETTINGS
-        try:
-            self.model = OnnxModel(settings.served_model_dir(), settings.device, settings.threads, settings.max_batch,
-                                   precision=settings.precision)
-        except UserError as exc:  # a restart cannot fix it: stop the server rather than loop, never ready
-            stop_server(str(exc))
-            raise
-        runtime = self.model.runtime()
-        metrics.ENCODER_INFO.labels(runtime["provider"], runtime["device"], runtime["precision"]).set(1)
-        pad = settings.pad_batches if settings.pad_batches >= 0 else self.model.provider in GPU_PROVIDERS
-        self.buckets = bucket_sizes(settings.max_batch) if pad else ()
-        self.model.warm_up(self.buckets or (1,))
-        Image.MAX_IMAGE_PIXELS = settings.max_pixels  # the PIL fallback of encoder decoding agrees with the workers
-        self.decode_device = None
-        if decode_place(settings.decode, self.model.provider) == "encoder":
-            self.warm_decoder()
+        self.encoder = open_encoder(SETTINGS)
         self.drain = IdleDrain(limit_s=TIMEOUT_S)
         self.drain.install()  # outlive SIGTERM until the Embedder's in-flight requests got their embeddings
 
     @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch, max_latency_ms=SETTINGS.max_latency_ms)
     def encode(self, images: np.ndarray) -> np.ndarray:
-        count = len(images)
-        if self.buckets:
-            images = pad_rows(images, bucket_for(count, self.buckets))
         with self.drain.active():
-            start = time.perf_counter()
-            embeddings = self.model(images)[:count]
-        metrics.INFERENCE_SECONDS.observe(time.perf_counter() - start)
-        metrics.BATCH_SIZE.observe(count)
-        return embeddings
-
-    def warm_decoder(self) -> None:
-        """Pick the decode device (the model's) and run the first decode (nvJPEG sets itself up) and
-        the IO-bound inference at every warmed batch shape, before any client waits on them."""
-        import torch
-
-        self.decode_device = torch.device("cuda" if self.model.provider in GPU_PROVIDERS else "cpu")
-        start = time.perf_counter()
-        for rows in self.buckets or (1,):
-            self.decode_and_embed([(sample_jpeg(), 1)], rows)
-        logger.info("decoding JPEGs in the encoder on %s (warm-up %.2f s)", self.decode_device,
-                    time.perf_counter() - start)
-
-    def decode_and_embed(self, items: list, rows: int) -> list:
-        """Items -> per item a float32 [D] embedding, or a {status, reason, message} dict for an image that
-        could not be decoded (its row is computed and dropped: the batch goes on without it)."""
-        from pipeline.data.device_decode import decode_batch
-
-        if self.decode_device is None:  # BARLOW_DECODE=worker here, yet a worker sent bytes: serve it anyway
-            self.warm_decoder()
-        start = time.perf_counter()
-        images, errors = decode_batch(items, self.model.image_size, self.decode_device, rows,
-                                      SETTINGS.max_pixels)
-        decoded = time.perf_counter()
-        embeddings = self.model.embed_tensor(images)[: len(items)].cpu().numpy()
-        metrics.INFERENCE_SECONDS.observe(time.perf_counter() - decoded)
-        metrics.ENCODER_DECODE_SECONDS.observe(decoded - start)
-        return [{"status": errors[i].status, "reason": errors[i].reason, "message": str(errors[i])}
-                if i in errors else embeddings[i] for i in range(len(items))]
+            return self.encoder.encode(images)
 
     @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch, max_latency_ms=SETTINGS.max_latency_ms)
     def encode_items(self, items: list) -> list:
-        """BARLOW_DECODE=encoder: each item a JPEG (bytes, EXIF orientation) decoded here on the model's
-        device, or a uint8 [3, S, S] array a worker decoded (pipeline/data/device_decode.py). BentoML merges
-        the lists of all workers into one batch (its pickle transport carries bytes and arrays as they are);
-        per-item failures come back as values, so no image fails the batch it shares."""
-        count = len(items)
+        """BARLOW_DECODE=encoder: JPEG bytes or uint8 arrays (Encoder.encode_items). BentoML merges the lists
+        of all workers into one batch (its pickle transport carries bytes and arrays as they are); per-item
+        failures come back as values, so no image fails the batch it shares."""
         with self.drain.active():
-            results = self.decode_and_embed(items, bucket_for(count, self.buckets) if self.buckets else count)
-        metrics.BATCH_SIZE.observe(count)
-        return results
+            return self.encoder.encode_items(items)
 
     @bentoml.api
     def runtime(self) -> dict:
         """{provider, providers, device, requested_device, precision}: what this process runs (for /model)."""
-        return self.model.runtime()
+        return self.encoder.runtime()
+
+
+def encode_arrays(encoder: Encoder, arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """One batch of arrays -> their embeddings, in a worker's own session (on its batcher thread)."""
+    return list(encoder.encode(np.stack(arrays)))
+
+
+def open_encoder(settings) -> Encoder:
+    """The encoder of this process; one that cannot start (a restart cannot fix it) stops the server."""
+    try:
+        return Encoder(settings)
+    except UserError as exc:
+        stop_server(str(exc))
+        raise
 
 
 def response_format(request: Request) -> ResponseFormat:
@@ -194,9 +147,13 @@ async def embed_base64(request: Request) -> Response:
 
 
 async def model(request: Request) -> JSONResponse:
-    """model.json plus `runtime` (provider, device, precision in the encoder process; null until it answers)."""
+    """model.json plus `runtime` (provider, device, precision of the encoder, and where it runs; null until it
+    answers)."""
     service: Embedder = bentoml.get_current_service()
-    return JSONResponse({**service.info, "runtime": await service.encoder_runtime()})
+    runtime = await service.encoder_runtime()
+    if runtime is not None:
+        runtime = {**runtime, "encoder": ENCODER_PLACE, "sessions": SETTINGS.sessions_per_worker()}
+    return JSONResponse({**service.info, "runtime": runtime})
 
 
 async def docs(request: Request) -> JSONResponse:
@@ -228,7 +185,8 @@ api = Starlette(routes=[
 class Embedder:
     """Public API: POST /embed, POST /embed_base64, POST /search, GET /model; BentoML adds /readyz /livez /metrics."""
 
-    model = bentoml.depends(BatchedModel)
+    if ENCODER_PLACE == "process":
+        model = bentoml.depends(BatchedModel)
 
     @bentoml.on_deployment
     def supervise() -> None:
@@ -241,24 +199,40 @@ class Embedder:
         self.name, self.dim, self.size = self.info["name"], int(self.info["dim"]), int(self.info["image_size"])
         Image.MAX_IMAGE_PIXELS = self.settings.max_pixels  # Pillow's own bomb guard agrees with ours
         self.decoders = anyio.CapacityLimiter(usable_cpus())  # decoding is CPU-bound: no more threads than CPUs
-        # Concurrent requests of this worker share encoder calls (serving/microbatch.py), arrays or items.
-        self.arrays = MicroBatcher(self.encode_arrays, self.settings.max_batch)
-        self.items = MicroBatcher(self.encode_items, self.settings.max_batch)
+        # Concurrent requests of this worker share encoder calls (serving/microbatch.py). BARLOW_ENCODER=worker:
+        # this worker's own sessions, each on a thread of its own, while the event loop goes on; else calls
+        # to the BatchedModel process.
+        self.local = [open_encoder(self.settings) for _ in range(self.settings.sessions_per_worker())] \
+            if ENCODER_PLACE == "worker" else []
+        self.runtime: dict | None = self.local[0].runtime() if self.local else None  # else fetched with the warm-up
+        if not self.local:
+            self.arrays = MicroBatcher(self.encode_arrays, self.settings.max_batch)
+            self.items = MicroBatcher(self.encode_items, self.settings.max_batch)
+        elif self.decode_place() == "encoder":
+            self.items = ThreadBatcher([encoder.encode_items for encoder in self.local], self.settings.max_batch)
+        else:
+            self.arrays = ThreadBatcher([partial(encode_arrays, encoder) for encoder in self.local],
+                                        self.settings.max_batch)
         self.admission = Admission(self.settings.inflight_limit, self.settings.max_queue_ms / 1000,
                                    min_limit=self.settings.max_batch)
         self.search_index = open_index(self.settings.index_dir, self.info)  # None: /search answers 404
-        self.warm = False
-        self.runtime: dict | None = None  # the encoder's, fetched with the warm-up
+        self.warm = bool(self.local)  # local encoders warmed themselves up
         self.warm_lock = asyncio.Lock()
         metrics.MODEL_INFO.labels(self.name, self.info.get("onnx_sha256", ""), str(self.dim)).set(1)
         logger.info("serving %s (dim %d, %d px); max %d images and %d pixels per image, %d images in flight "
                     "(fewer to keep the wait under %d ms); auth %s", self.name, self.dim, self.size,
                     self.settings.max_images, self.settings.max_pixels, self.settings.inflight_limit,
                     self.settings.max_queue_ms, "on" if self.settings.api_token else "off")
+        if self.local:
+            logger.info("the encoder runs in this worker: %d sessions of %d threads, %s on %s (%s); images are "
+                        "decoded in the %s", len(self.local), self.settings.session_threads(), self.runtime["provider"],
+                        self.runtime["device"], self.runtime["precision"], self.decode_place())
 
     async def __is_ready__(self) -> bool:
         """Ready once one warm-up inference went through the whole path (socket, batcher, session),
         and then while the model process answers its own /readyz within READY_TIMEOUT_S (it may be restarting)."""
+        if self.local:
+            return True
         if self.warm:
             try:
                 async with asyncio.timeout(READY_TIMEOUT_S):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pipeline import storage
 from pipeline.data.preprocess import DEFAULT_MAX_PIXELS
-from pipeline.devices import RUNTIME_DEVICES
+from pipeline.devices import RUNTIME_DEVICES, runtime_device
 from pipeline.embed.search import local_index
 from pipeline.errors import UserError
 from pipeline.runtime import POINTER, PRECISIONS, resolve_model_dir, usable_cpus
@@ -29,6 +29,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the Bento's src/ when s
 BUNDLED_MODEL = "models/current"  # where bentofile.yaml packs the MODEL_DIR
 MODEL_DIR_ENV = "BARLOW_MODEL_DIR"
 DECODE_PLACES = ("auto", "worker", "encoder")
+ENCODER_PLACES = ("auto", "worker", "process")
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,12 @@ class Settings:
     max_images: int = 64  # BARLOW_MAX_IMAGES: per request
     max_pixels: int = DEFAULT_MAX_PIXELS  # BARLOW_MAX_PIXELS: per image, checked before decoding
     max_body_mb: int = 256  # BARLOW_MAX_BODY_MB: per request body
-    threads: int = 0  # BARLOW_THREADS: ONNX Runtime intra-op threads on CPU; 0: the CPUs this process may use
-    # BARLOW_WORKERS: HTTP worker processes; 0: one per usable CPU but one, which the encoder process
-    # keeps (http_workers says why)
+    # BARLOW_ENCODER: where the ONNX Runtime session runs (serving/encoder.py): worker (in each HTTP worker)
+    # | process (its own process behind BentoML's adaptive batcher) | auto (worker on the CPU, else process)
+    encoder: str = "auto"
+    # BARLOW_THREADS: ONNX Runtime intra-op threads of a session on CPU; 0: session_threads says how many
+    threads: int = 0
+    # BARLOW_WORKERS: HTTP worker processes; 0: http_workers says how many
     workers: int = 0
     max_batch: int = 64  # BARLOW_MAX_BATCH: largest adaptive batch
     # BARLOW_MAX_LATENCY_MS: a shedding bound (a request that cannot meet it gets 503), not a wait:
@@ -70,12 +74,40 @@ class Settings:
     def inflight_limit(self) -> int:
         return self.max_inflight_images or 2 * self.max_batch
 
+    def encoder_place(self) -> str:
+        """BARLOW_ENCODER resolved: `worker` or `process` (serving/encoder.py says what each is); auto is
+        worker when the device is the CPU. A GPU named in BARLOW_DEVICE is taken at its word here: the
+        encoder checks that it is there when it starts, and stops the server with a reason if not."""
+        if self.encoder != "auto":
+            return self.encoder
+        device = self.device if self.device != "auto" else runtime_device("auto")
+        return "worker" if device == "cpu" else "process"
+
     def http_workers(self) -> int:
-        """BARLOW_WORKERS, or with 0 the usable CPUs less one (at least 1). Each worker is one event loop on
-        one CPU (parsing, header checks, PIL decoding in worker mode, JSON); the CPU left over is the
-        encoder process's, which must never wait for one to feed the GPU (unpickling, nvJPEG's host-side
-        Huffman decoding, kernel launches). On a CPU-only host the workers mostly wait on inference."""
-        return self.workers or max(1, usable_cpus() - 1)
+        """BARLOW_WORKERS, or with 0: with the encoder in its own process, the usable CPUs less one (at
+        least 1). Each worker is one event loop on one CPU (parsing, header checks, PIL decoding in worker
+        mode, JSON); the CPU left over is the encoder process's, which must never wait for one to feed the
+        GPU (unpickling, nvJPEG's host-side Huffman decoding, kernel launches). With the encoder in the
+        worker (a CPU host): one worker, whose sessions take every CPU while its event loop handles requests."""
+        if self.workers:
+            return self.workers
+        return 1 if self.encoder_place() == "worker" else max(1, usable_cpus() - 1)
+
+    def session_threads(self) -> int:
+        """ONNX Runtime intra-op threads of one session: BARLOW_THREADS, or with 0: one per session when the
+        sessions run in the workers (the CPU is shared out as sessions, not threads: a session's parallel
+        steps wait for their slowest thread, and on cores the HTTP path also uses, that thread is often
+        preempted), else the CPUs the encoder process may use (OnnxModel's default)."""
+        if self.threads or self.encoder_place() != "worker":
+            return self.threads
+        return 1
+
+    def sessions_per_worker(self) -> int:
+        """With the encoder in the worker: sessions side by side in each worker, together one thread per
+        usable CPU (at least 1). With the encoder in its own process: that process's one session."""
+        if self.encoder_place() != "worker":
+            return 1
+        return max(1, usable_cpus() // (self.http_workers() * self.session_threads()))
 
     def served_model_dir(self) -> Path:
         if self.model_dir is None:
@@ -114,6 +146,9 @@ def settings_from_env() -> Settings:
     if precision not in PRECISIONS:
         raise UserError(f"BARLOW_PRECISION must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     index_dir = os.environ.get("BARLOW_INDEX_DIR", "").strip()
+    encoder = os.environ.get("BARLOW_ENCODER", "").strip().lower() or DEFAULTS["encoder"]
+    if encoder not in ENCODER_PLACES:
+        raise UserError(f"BARLOW_ENCODER must be one of {', '.join(ENCODER_PLACES)}, not {encoder!r}")
     decode = os.environ.get("BARLOW_DECODE", "").strip().lower() or DEFAULTS["decode"]
     if decode not in DECODE_PLACES:
         raise UserError(f"BARLOW_DECODE must be one of {', '.join(DECODE_PLACES)}, not {decode!r}")
@@ -126,7 +161,7 @@ def settings_from_env() -> Settings:
     if storage.is_url(index_dir):
         index_dir = str(local_index(index_dir))
     return Settings(model_dir=served, index_dir=Path(index_dir) if index_dir else None, device=device,
-                    precision=precision, decode=decode,
+                    precision=precision, encoder=encoder, decode=decode,
                     api_token=os.environ.get("BARLOW_API_TOKEN", "").strip(), **ints)
 
 

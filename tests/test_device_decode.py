@@ -186,6 +186,7 @@ def test_decode_settings_and_the_workers_default(monkeypatch):
 
     monkeypatch.delenv("BARLOW_WORKERS", raising=False)
     monkeypatch.delenv("BARLOW_DECODE", raising=False)
+    monkeypatch.setenv("BARLOW_ENCODER", "process")
     settings = settings_from_env()
     assert settings.decode == "auto" and settings.workers == 0
     assert settings.http_workers() == max(1, usable_cpus() - 1)

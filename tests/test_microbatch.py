@@ -1,12 +1,15 @@
-"""serving/microbatch.py: concurrent submissions merged into bounded calls, results split back per request."""
+"""serving/microbatch.py: concurrent submissions merged into bounded calls, results split back per request;
+MicroBatcher (calls on the event loop) and ThreadBatcher (calls on a thread of their own)."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
 
-from serving.microbatch import MicroBatcher
+from serving.microbatch import MicroBatcher, ThreadBatcher
 
 
 class Encoder:
@@ -179,3 +182,112 @@ def test_a_wrong_result_count_is_an_error_not_a_silent_drop():
     with pytest.raises(RuntimeError, match="2 items"):
         run(scenario())
     assert run(MicroBatcher(short, max_size=4).submit([])) == []
+
+
+# ---------------------------------------------------------------- ThreadBatcher
+
+
+class BlockingEncoder:
+    """The thread-side fake: records its batches, holds each call until `gate` is set, and reports the
+    thread it ran on; item "bad" is a per-item error value, "boom" raises."""
+
+    def __init__(self):
+        self.calls: list[list] = []
+        self.gate = threading.Event()
+        self.started = threading.Semaphore(0)
+        self.threads: set[str] = set()
+
+    def __call__(self, items: list) -> list:
+        self.calls.append(list(items))
+        self.threads.add(threading.current_thread().name)
+        self.started.release()
+        self.gate.wait(10)
+        if "boom" in items:
+            raise ConnectionError("session failed")
+        return [{"error": item} if item == "bad" else item * 10 for item in items]
+
+
+async def started(encoder: BlockingEncoder, calls: int) -> None:
+    for _ in range(calls):
+        assert await asyncio.to_thread(encoder.started.acquire, True, 10)
+
+
+def test_thread_batcher_merges_what_arrives_during_a_call_and_splits_big_requests():
+    async def scenario():
+        encoder = BlockingEncoder()
+        batcher = ThreadBatcher([encoder], max_size=4, name="test-encoder")
+        first = asyncio.create_task(batcher.submit([1]))
+        await started(encoder, 1)
+        rest = [asyncio.create_task(batcher.submit(items)) for items in ([2, 3], ["bad"], [4, 5, 6, 7, 8, 9])]
+        await asyncio.sleep(0.05)
+        encoder.gate.set()
+        return encoder, await first, await asyncio.gather(*rest)
+
+    encoder, first, rest = run(scenario())
+    assert encoder.calls == [[1], [2, 3, "bad", 4], [5, 6, 7, 8], [9]]  # what waited, in order, at most 4
+    assert first == [10] and rest == [[20, 30], [{"error": "bad"}], [40, 50, 60, 70, 80, 90]]
+    assert encoder.threads == {"test-encoder-0"}
+
+
+def test_thread_batcher_starts_the_next_call_while_the_event_loop_is_busy():
+    """The encoder must not wait for a turn of the event loop (busy parsing requests) to start its next batch."""
+    async def scenario():
+        encoder = BlockingEncoder()
+        batcher = ThreadBatcher([encoder], max_size=8)
+        first = asyncio.create_task(batcher.submit([1]))
+        await started(encoder, 1)
+        second = asyncio.create_task(batcher.submit([2]))
+        await asyncio.sleep(0)  # queued
+        encoder.gate.set()
+        time.sleep(0.2)  # the loop is blocked: no callback of it can run
+        calls_while_blocked = [list(call) for call in encoder.calls]
+        return calls_while_blocked, await first, await second
+
+    calls_while_blocked, first, second = run(scenario())
+    assert calls_while_blocked == [[1], [2]] and first == [10] and second == [20]
+
+
+def test_thread_batcher_failures_stay_with_their_call_and_cancelled_requests_withdraw():
+    async def scenario():
+        encoder = BlockingEncoder()
+        batcher = ThreadBatcher([encoder], max_size=2)
+        first = asyncio.create_task(batcher.submit(["boom"]))
+        await started(encoder, 1)
+        leaving = asyncio.create_task(batcher.submit([5]))
+        split = asyncio.create_task(batcher.submit([1, 2, "boom", 4, 6]))
+        await asyncio.sleep(0.01)
+        leaving.cancel()
+        await asyncio.sleep(0.01)
+        encoder.gate.set()
+        outcomes = await asyncio.gather(first, split, return_exceptions=True)
+        after = await batcher.submit([3])  # the thread is alive after a failed call
+        return encoder.calls, outcomes, leaving.cancelled(), after, batcher.queued
+
+    calls, outcomes, cancelled, after, queued = run(scenario())
+    assert all(isinstance(outcome, ConnectionError) for outcome in outcomes)
+    assert cancelled and after == [30] and queued == 0
+    assert calls == [["boom"], [1, 2], ["boom", 4], [3]]  # 5 withdrawn; 6, after its request failed, not sent
+
+
+def test_thread_batcher_runs_its_calls_side_by_side_each_on_its_own_thread():
+    async def scenario():
+        started, release = threading.Barrier(3), threading.Event()
+        threads: list[str] = []
+
+        def make(name: str):
+            def call(items: list) -> list:
+                threads.append(threading.current_thread().name)
+                started.wait(10)  # both calls are running at once, or this times out
+                release.wait(10)
+                return [f"{name}:{item}" for item in items]
+            return call
+
+        batcher = ThreadBatcher([make("a"), make("b")], max_size=2, name="session")
+        tasks = [asyncio.create_task(batcher.submit([i, i + 10])) for i in range(2)]
+        await asyncio.to_thread(started.wait, 10)
+        release.set()
+        return sorted(threads), await asyncio.gather(*tasks)
+
+    threads, results = run(scenario())
+    assert threads == ["session-0", "session-1"]
+    assert sorted(r[0].split(":")[1] for r in results) == ["0", "1"] and all(len(r) == 2 for r in results)

@@ -1,11 +1,13 @@
-"""Serving reliability through a real `barlow serve` (bentoml serve, one Embedder and one Encoder process).
+"""Serving reliability through a real `barlow serve` (bentoml serve).
 
-One server with a small admission limit (4 images in flight) and a 2 s body deadline serves the
-module: a flood gets fast JSON 503s with Retry-After and correct 200s; a full worker answers 503
+One server with a small admission limit (4 images in flight) and a 2 s body deadline, its encoder in
+the HTTP worker (the CPU default), serves the module, and one with its encoder in its own process (the
+GPU default) the encoder kill: a flood gets fast JSON 503s with Retry-After and correct 200s; a full worker answers 503
 before the body arrives and keeps the connection; 256 slow-loris connections
 do not starve /embed and trickled bodies get 408; /docs.json documents every route and schemathesis
 finds no 5xx and no response off the schema; a SIGKILLed Encoder and a SIGKILLed Embedder worker are
-replaced by BentoML's supervisor and the service is ready and correct again. The kill tests run last.
+replaced by BentoML's supervisor (the worker reloads its own encoder) and the service is ready and
+correct again. The kill tests run last.
 """
 
 from __future__ import annotations
@@ -50,12 +52,10 @@ def wanted(model) -> np.ndarray:
     return torch_embed(torch_reference(model[0]), np.stack([load_array(blob, 32) for blob in IMAGES]))
 
 
-@pytest.fixture(scope="module")
-def server(model, tmp_path_factory):
+def serve(model, tmp, **extra_env: str):
     """`barlow serve` (the CLI, as users run it) with a small admission limit and body deadline."""
-    tmp = tmp_path_factory.mktemp("rel-server")
     env = {**os.environ, "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
-           "BARLOW_MAX_INFLIGHT_IMAGES": str(MAX_INFLIGHT), "BARLOW_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S)}
+           "BARLOW_MAX_INFLIGHT_IMAGES": str(MAX_INFLIGHT), "BARLOW_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S), **extra_env}
     env.pop("BARLOW_API_TOKEN", None)
     port = free_port()
     log = open(tmp / "serve.log", "wb")
@@ -72,6 +72,18 @@ def server(model, tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory):
+    """The CPU default: the encoder in the HTTP worker."""
+    yield from serve(model, tmp_path_factory.mktemp("rel-server"))
+
+
+@pytest.fixture(scope="module")
+def process_server(model, tmp_path_factory):
+    """The GPU default, here on the CPU: the encoder in its own process (BatchedModel)."""
+    yield from serve(model, tmp_path_factory.mktemp("rel-process-server"), BARLOW_ENCODER="process")
 
 
 def post_embed(url: str, i: int, timeout: float = 60) -> tuple[int | str, float, httpx.Response | None]:
@@ -344,8 +356,8 @@ def kill_and_watch(server, wanted, service: str) -> dict:
             "readyz_not_ready": not_ready}
 
 
-def test_killed_encoder_is_replaced_and_requests_in_the_gap_get_200_or_json_503(server, wanted):
-    watched = kill_and_watch(server, wanted, "barlow-batched-model")
+def test_killed_encoder_is_replaced_and_requests_in_the_gap_get_200_or_json_503(process_server, wanted):
+    watched = kill_and_watch(process_server, wanted, "barlow-batched-model")
     # Requests during the gap either waited for the new encoder (its socket stays open in BentoML's
     # supervisor) and got a correct 200, or a JSON 503: nothing else, and nothing hung.
     statuses = {status for _, status, _ in watched["outcomes"]}

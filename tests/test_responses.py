@@ -67,12 +67,16 @@ def test_bad_options_and_a_malformed_accept_are_4xx(accept, query, status, words
     assert caught.value.status == status
 
 
-def test_json_floats_is_what_starlette_wrote_before():
-    from starlette.responses import JSONResponse
-
-    body = json_floats("m", 5, EMBEDDINGS)
-    assert body == JSONResponse({"model": "m", "dim": 5, "embeddings": EMBEDDINGS.tolist()}).body
-    assert np.array_equal(np.array(json.loads(body)["embeddings"], dtype=np.float32), EMBEDDINGS)
+def test_json_floats_read_back_as_the_same_float32_in_fewer_bytes():
+    body = json_floats("mödel", 5, EMBEDDINGS)
+    parsed = json.loads(body)
+    assert set(parsed) == {"model", "dim", "embeddings"} and parsed["model"] == "mödel" and parsed["dim"] == 5
+    assert np.array_equal(np.array(parsed["embeddings"], dtype=np.float32), EMBEDDINGS)
+    widened = json.dumps({"model": "mödel", "dim": 5, "embeddings": EMBEDDINGS.tolist()}, ensure_ascii=False)
+    assert len(body) < len(widened.encode())  # shortest float32 decimals, not float64 widenings
+    assert json.loads(json_floats("m", 5, EMBEDDINGS[:0]))["embeddings"] == []
+    with pytest.raises(ValueError, match="not finite"):
+        json_floats("m", 5, np.array([[np.nan, 0, 0, 0, 0]], dtype=np.float32))
 
 
 def test_npy_round_trips_float32_exactly_and_float16_within_1e_3():

@@ -195,7 +195,7 @@ def test_a_pointer_flip_never_changes_a_running_server(tmp_path):
 
     # A plain `bentoml serve` given the MODEL_DIR itself: serving/settings.py resolves and pins the version.
     env = {**os.environ, "BARLOW_MODEL_DIR": str(model_dir), "BENTOML_HOME": str(tmp_path / "bentoml"),
-           "BENTOML_DO_NOT_TRACK": "true", "BARLOW_WORKERS": "1"}
+           "BENTOML_DO_NOT_TRACK": "true", "BARLOW_WORKERS": "1", "BARLOW_ENCODER": "process"}
     port = free_port()
     log = open(tmp_path / "a.log", "ab")
     process = subprocess.Popen(serve_command("127.0.0.1", port), env=env, cwd=PROJECT_ROOT, stdout=log,

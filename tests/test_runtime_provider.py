@@ -22,7 +22,7 @@ import torch
 
 from pipeline import devices
 from pipeline.errors import UserError
-from pipeline.runtime import FP16_FILE, MODEL_FORMAT, OnnxModel, check_active, model_file, sha256_file
+from pipeline.runtime import FP16_FILE, MODEL_FORMAT, OnnxModel, check_active, model_file, sha256_file, usable_cpus
 from serving import startup
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +60,8 @@ def test_cpu_runs_and_reports_what_runs(tmp_path):
     images = np.arange(2 * 48, dtype=np.uint8).reshape(2, 3, 4, 4)
     assert np.array_equal(model(images), images.reshape(2, 48).astype(np.float32))
     assert model.runtime() == {"provider": "CPUExecutionProvider", "providers": ["CPUExecutionProvider"],
-                               "device": "cpu", "requested_device": "cpu", "precision": "fp32", "version": None,
+                               "device": "cpu", "requested_device": "cpu", "precision": "fp32", "threads": usable_cpus(),
+                               "version": None,
                                "file": "model.onnx", "sha256": sha256_file(tmp_path / "m" / "model.onnx")}
 
 

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.data.preprocess import load_array
 from pipeline.errors import UserError
-from pipeline.runtime import OnnxModel, resolve_model_dir
+from pipeline.runtime import OnnxModel, resolve_model_dir, usable_cpus
 from pipeline.serve import PROJECT_ROOT, free_port, start_server, wait_ready
 from serving.responses import decode_base64_body
 
@@ -155,13 +155,10 @@ def test_concurrent_requests_share_adaptive_batches_and_keep_their_own_results(c
             return sum(v for (n, l), v in values.items() if n == metric and labels.items() <= dict(l).items())
         return total(after) - total(before)
 
-    # The worker merges concurrent requests into encoder calls (serving/microbatch.py), BentoML merges
-    # calls into adaptive batches: 48 requests, at most 48 calls, fewer batches.
-    batches = delta("bentoml_service_adaptive_batch_size_count", method_name="encode")
-    calls = delta("bentoml_service_adaptive_batch_size_sum", method_name="encode")
-    assert batches <= calls <= 48
-    assert batches < 48, "concurrent requests were merged into adaptive batches"
-    assert delta("barlow_batch_size_sum") == 48 and delta("barlow_batch_size_count") == batches
+    # The worker merges concurrent requests into batches of its own encoder (serving/microbatch.py,
+    # ThreadBatcher): 48 requests, fewer batches, every image in one of them.
+    batches = delta("barlow_batch_size_count")
+    assert delta("barlow_batch_size_sum") == 48 and 0 < batches < 48, "concurrent requests were merged into batches"
     assert delta("barlow_images_embedded_total") == 48
 
 
@@ -269,7 +266,8 @@ def test_model_route_returns_model_json_and_what_runs_it(client, model):
     info = json.loads((model[1] / "model.json").read_text())
     assert body.pop("runtime") == {"provider": "CPUExecutionProvider", "providers": ["CPUExecutionProvider"],
                                    "device": "cpu", "requested_device": "auto", "precision": "fp32",
-                                   "version": info["version"], "file": "model.onnx", "sha256": info["onnx_sha256"]}
+                                   "version": info["version"], "file": "model.onnx", "sha256": info["onnx_sha256"],
+                                   "encoder": "worker", "sessions": usable_cpus(), "threads": 1}  # the CPU defaults
     assert body == info
 
 
@@ -324,11 +322,13 @@ def test_cuda_session_matches_the_torch_encoder(model, reference):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
-def test_a_device_that_is_not_there_stops_the_server_with_a_reason_and_a_non_zero_exit(model, tmp_path):
-    """BARLOW_DEVICE=cuda on this CPU machine: never ready, the whole server exits non-zero at once
-    (not restarted forever), and the log says why. tests/test_runtime_provider.py covers the ORT-level
-    refusal (a GPU torch sees, a CUDA provider that cannot load) on the same path."""
-    env = {**bentoml_env(tmp_path), "BARLOW_DEVICE": "cuda"}
+@pytest.mark.parametrize("encoder", ["process", "worker"])
+def test_a_device_that_is_not_there_stops_the_server_with_a_reason_and_a_non_zero_exit(model, tmp_path, encoder):
+    """BARLOW_DEVICE=cuda on this CPU machine, the encoder in its own process or in the HTTP worker: never
+    ready, the whole server exits non-zero at once (not restarted forever), and the log says why.
+    tests/test_runtime_provider.py covers the ORT-level refusal (a GPU torch sees, a CUDA provider that
+    cannot load) on the same path."""
+    env = {**bentoml_env(tmp_path), "BARLOW_DEVICE": "cuda", "BARLOW_ENCODER": encoder}
     start = time.monotonic()
     with pytest.raises(UserError, match=r"the server exited with code [1-9]\d* before it was ready.*: device cuda "
                                         r"asked for, but torch sees no CUDA GPU"):
@@ -427,16 +427,18 @@ def test_bentofile_builds_a_bento_with_the_service_and_the_model(model, tmp_path
     assert "serving.service:Embedder" in bentos[0].read_text()
 
 
-# ---------------------------------------------------------------- BARLOW_DECODE=encoder (on the CPU)
+# ---------------------------------------------------------------- BARLOW_ENCODER=process, BARLOW_DECODE=encoder (on the CPU)
 
 MIN_COSINE = 0.999  # encoder-side decoding (torchvision + torch resize) against the PIL path
 
 
 @pytest.fixture(scope="module")
 def encoder_decoding_server(model, tmp_path_factory):
-    """JPEGs decoded in the encoder process (the GPU default; here on CPU tensors), one HTTP worker."""
+    """The GPU configuration, on CPU tensors: the encoder in its own process, fed by one HTTP worker,
+    decodes the JPEGs."""
     tmp = tmp_path_factory.mktemp("encoder-decode")
-    env = {**bentoml_env(tmp), "BARLOW_DECODE": "encoder", "BARLOW_WORKERS": "1", "BARLOW_MAX_IMAGES": str(MAX_IMAGES),
+    env = {**bentoml_env(tmp), "BARLOW_ENCODER": "process", "BARLOW_DECODE": "encoder", "BARLOW_WORKERS": "1",
+           "BARLOW_MAX_IMAGES": str(MAX_IMAGES),
            "BARLOW_MAX_PIXELS": str(MAX_PIXELS), "BARLOW_MAX_BATCH": "32"}
     running = start_server(model[1], env=env, log_file=tmp / "server.log")
     yield running

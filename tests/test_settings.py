@@ -36,13 +36,15 @@ def test_every_variable_is_read(clean_env, tmp_path):
               "BARLOW_API_TOKEN": " t ", "BARLOW_MAX_IMAGES": "3", "BARLOW_MAX_PIXELS": "1e6", "BARLOW_MAX_BODY_MB": "5",
               "BARLOW_THREADS": "2", "BARLOW_WORKERS": "4", "BARLOW_MAX_BATCH": "16", "BARLOW_MAX_LATENCY_MS": "500",
               "BARLOW_MAX_INFLIGHT_IMAGES": "7", "BARLOW_MAX_QUEUE_MS": "0", "BARLOW_BODY_TIMEOUT_S": "9",
-              "BARLOW_INLINE_PIXELS": "0", "BARLOW_PAD_BATCHES": "1", "BARLOW_DECODE": " Encoder "}
+              "BARLOW_INLINE_PIXELS": "0", "BARLOW_PAD_BATCHES": "1", "BARLOW_DECODE": " Encoder ",
+              "BARLOW_ENCODER": "Process"}
     for name, value in values.items():
         clean_env.setenv(name, value)
     assert settings_from_env() == Settings(
         model_dir=tmp_path.resolve(), index_dir=tmp_path / "i", device="cpu", precision="fp32", api_token="t", max_images=3,
         max_pixels=1_000_000, max_body_mb=5, threads=2, workers=4, max_batch=16, max_latency_ms=500,
-        max_inflight_images=7, max_queue_ms=0, body_timeout_s=9, inline_pixels=0, pad_batches=1, decode="encoder")
+        max_inflight_images=7, max_queue_ms=0, body_timeout_s=9, inline_pixels=0, pad_batches=1, decode="encoder",
+        encoder="process")
 
 
 @pytest.mark.parametrize("name, value, message", [
@@ -51,6 +53,7 @@ def test_every_variable_is_read(clean_env, tmp_path):
     ("BARLOW_MAX_PIXELS", "lots", "BARLOW_MAX_PIXELS must be an integer"),
     ("BARLOW_MAX_IMAGES", "0", "BARLOW_MAX_IMAGES must be at least 1"),
     ("BARLOW_THREADS", "-1", "BARLOW_THREADS must be at least 0"),
+    ("BARLOW_ENCODER", "gpu", "BARLOW_ENCODER must be one of auto, worker, process"),
 ])
 def test_bad_values_are_one_sentence(clean_env, name, value, message):
     clean_env.setenv(name, value)
@@ -68,6 +71,27 @@ def test_no_barlow_variable_is_read_outside_the_settings():
             readers.setdefault(match.group(1) or match.group(2), set()).add(str(path.relative_to(REPO)))
     assert readers == {"BARLOW_MODEL_DIR": {"serving/settings.py"}, "BARLOW_DEVICE": {"serving/settings.py"},
                        "BARLOW_PRECISION": {"serving/settings.py"}, "BARLOW_DECODE": {"serving/settings.py"},
+                       "BARLOW_ENCODER": {"serving/settings.py"},
                        "BARLOW_INDEX_DIR": {"serving/settings.py"}, "BARLOW_API_TOKEN": {"serving/settings.py"},
                        "BARLOW_": {"serving/settings.py"},  # the f-string of the integer settings
                        "BARLOW_FASHION_MNIST_DIR": {"pipeline/data/fashion_mnist.py"}}, readers
+
+
+def test_the_encoder_runs_in_the_worker_on_a_cpu_and_in_its_own_process_on_a_gpu(monkeypatch):
+    """auto: the CPU's cores are shared by the model and the HTTP path, so no hop; a GPU is fed by several
+    workers through one process. Threads and workers follow the place."""
+    import pipeline.devices
+    from pipeline.runtime import usable_cpus
+
+    monkeypatch.setattr(pipeline.devices, "gpu_available", lambda: False)
+    cpu = Settings()
+    assert cpu.encoder_place() == "worker" and cpu.http_workers() == 1
+    assert cpu.session_threads() == 1 and cpu.sessions_per_worker() == usable_cpus()  # one thread per CPU
+    assert Settings(workers=2).sessions_per_worker() == max(1, usable_cpus() // 2)
+    assert Settings(threads=3).session_threads() == 3 and Settings(threads=usable_cpus() + 1).sessions_per_worker() == 1
+    assert Settings(device="cuda").encoder_place() == "process"  # taken at its word; the encoder checks it
+    monkeypatch.setattr(pipeline.devices, "gpu_available", lambda: True)
+    gpu = Settings()
+    assert gpu.encoder_place() == "process" and gpu.http_workers() == max(1, usable_cpus() - 1)
+    assert gpu.session_threads() == 0 and gpu.sessions_per_worker() == 1  # 0: OnnxModel's default, every CPU
+    assert Settings(device="cpu").encoder_place() == "worker" and Settings(encoder="process").encoder_place() == "process"
