@@ -10,10 +10,11 @@ after the body is read, so a slow upload never holds a slot; while the worker is
 answers 503 before reading the body at all, so a flood of rejections costs the event loop little.
 The batcher's BARLOW_MAX_LATENCY_MS bound sheds what slips past (503).
 
-What bounds slow or hostile connections (BentoML 1.4.40 running uvicorn 0.54 with h11, from their
-source, checked against a running server):
-- Request line and headers: h11 buffers at most 16 KiB of a head that is still incomplete, then
-  400 and close (so a trickled head cannot grow; a complete head arriving in one read is not capped).
+What bounds slow or hostile connections (BentoML 1.4.40 running uvicorn 0.54 with httptools, from
+their source, checked against a running server):
+- Request line and headers: at most 16 KiB of a head that is still incomplete, then 400 and close
+  (serving/http_protocol.py: h11's bound, which uvicorn does not give httptools), so a trickled head
+  cannot grow; a complete head arriving in one read is not capped.
   No timer runs before a request's head is complete (uvicorn arms its keep-alive timer only after a
   response), so a client trickling headers keeps its connection open indefinitely. Such a connection
   costs one file descriptor and a few KiB, no thread, task or admission slot: /embed keeps answering
@@ -110,7 +111,7 @@ class Gate:
 
     The body's multipart parse is most of what a rejection costs the event loop, and a loop busy
     with rejections delays everything, admitted requests included. Answering before reading is safe
-    for clients: uvicorn (h11) discards the rest of the body and keeps the connection, so a client
+    for clients: uvicorn discards the rest of the body and keeps the connection, so a client
     still sending reads its 503 instead of a reset. Slow uploads still hold no slot: the gate only
     reads `Admission.full()`; the images are counted after the parse.
     """

@@ -43,6 +43,7 @@ from pipeline.runtime import l2_normalize, load_model_info, usable_cpus
 from serving import metrics
 from serving.drain import IdleDrain
 from serving.encoder import Encoder, decode_place
+from serving import http_protocol
 from serving.limits import Admission, Gate, Unavailable, body_deadline
 from serving.openapi import openapi_document
 from serving.microbatch import MicroBatcher, ThreadBatcher
@@ -57,6 +58,7 @@ logger = logging.getLogger(__name__)
 for _name in ("serving", "pipeline"):  # BentoML's server logging config sets the root to WARNING
     logging.getLogger(_name).setLevel(logging.INFO)
 
+http_protocol.install()  # httptools, with h11's bound on an unfinished request head
 SETTINGS = settings_from_env()  # read at import: the decorators below need the batch and worker counts
 ENCODER_PLACE = SETTINGS.encoder_place()  # worker: no BatchedModel process (serving/encoder.py)
 TIMEOUT_S = 60

@@ -250,9 +250,9 @@ def test_slow_loris_connections_do_not_starve_embed_and_slow_bodies_get_408(serv
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:  # a head that keeps growing
         sock.sendall(b"GET /model HTTP/1.1\r\nHost: x\r\nX-Big: ")
         for _ in range(5):  # 20 KiB, no end of head
-            time.sleep(0.05)  # separate reads, so the head is incomplete each time h11 looks
+            time.sleep(0.05)  # separate reads, so the head is incomplete after each
             sock.sendall(b"a" * 4096)
-        assert sock.recv(4096).startswith(b"HTTP/1.1 400")  # h11: over 16 KiB of an incomplete head
+        assert sock.recv(4096).startswith(b"HTTP/1.1 400")  # over 16 KiB of an incomplete head (serving/http_protocol.py)
     assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
 
 
