@@ -5,10 +5,11 @@ BARLOW_ENCODER says where that is (`Settings.encoder_place`):
 - `process`: its own BentoML service process (service.BatchedModel), behind BentoML's adaptive
   batcher, which every HTTP worker calls over a private socket. One session per GPU, fed by several
   workers, and decoding on the GPU: the place for CUDA and TensorRT.
-- `worker`: inside each HTTP worker, called from one thread while the worker's event loop goes on
-  parsing the next requests. On a CPU the model and the HTTP handling share the same cores, and the
-  hop to a second process (pickling, a second HTTP request, a second batcher, a process competing for
-  the cores) costs more CPU per request than all the rest of the HTTP path.
+- `worker`: inside each HTTP worker, as single-threaded sessions side by side, each called from a
+  thread of its own while the worker's event loop goes on parsing the next requests. On a CPU the
+  model and the HTTP handling share the same cores: the hop to a second process (pickling, a second
+  HTTP request and batcher) costs CPU per request, and a multi-threaded session's parallel steps wait
+  for whichever of its threads the HTTP path has preempted.
 
 `auto` is `worker` when the device resolves to the CPU, else `process`. Both places run this class,
 so both give the same embeddings and the same per-image errors.

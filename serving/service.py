@@ -40,10 +40,9 @@ from starlette.routing import Route
 from pipeline.data.device_decode import device_decodable, sample_jpeg
 from pipeline.errors import UserError
 from pipeline.runtime import l2_normalize, load_model_info, usable_cpus
-from serving import metrics
+from serving import http_protocol, metrics
 from serving.drain import IdleDrain
 from serving.encoder import Encoder, decode_place
-from serving import http_protocol
 from serving.limits import Admission, Gate, Unavailable, body_deadline
 from serving.openapi import openapi_document
 from serving.microbatch import MicroBatcher, ThreadBatcher
@@ -79,7 +78,8 @@ WARM_UP_TIMEOUT_S = 15
 @bentoml.service(name="barlow-batched-model", workers=1, threads=1, traffic={"timeout": TIMEOUT_S},
                  runner_connection=NEVER_REFRESH)
 class BatchedModel:
-    """The ONNX model behind an adaptive batcher; called only by Embedder."""
+    """The encoder in its own process, behind an adaptive batcher (BARLOW_ENCODER=process); called only by
+    Embedder."""
 
     def __init__(self) -> None:
         self.encoder = open_encoder(SETTINGS)
