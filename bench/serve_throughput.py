@@ -32,6 +32,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 from PIL import Image
@@ -41,7 +42,7 @@ from pipeline.runtime import OnnxModel, resolve_model_dir  # noqa: E402
 from pipeline.runtime import usable_cpus  # noqa: E402
 from pipeline.serve import start_server  # noqa: E402
 from serving.responses import NPY, json_floats, npy  # noqa: E402
-from serving.settings import Settings  # noqa: E402
+from serving.settings import Settings, settings_from_env  # noqa: E402
 
 from loadgen import bodies, run_clients  # noqa: E402
 from common import (RESULTS, commit, device_label, random_model,  # noqa: E402  (also puts the repo on sys.path)
@@ -70,11 +71,10 @@ class RawSessions:
     BARLOW_ENCODER, BARLOW_WORKERS): as many sessions with as many threads, run side by side, each at batch B."""
 
     def __init__(self, model_dir: Path, batch: int, settings: Settings):
-        self.threads = settings.session_threads() or usable_cpus()
         self.count = settings.sessions_per_worker() * (settings.http_workers() if settings.encoder_place() == "worker" else 1)
-        self.sessions = [OnnxModel(resolve_model_dir(model_dir), settings.device, self.threads, max_batch=batch)
-                         for _ in range(self.count)]
-        self.batch, self.providers = batch, self.sessions[0].providers
+        self.sessions = [OnnxModel(resolve_model_dir(model_dir), settings.device, settings.session_threads(),
+                                   max_batch=batch) for _ in range(self.count)]
+        self.batch, self.providers, self.threads = batch, self.sessions[0].providers, self.sessions[0].threads
         size = self.sessions[0].image_size
         self.images = np.random.default_rng(0).integers(0, 256, (batch, 3, size, size), dtype=np.uint8)
         for session in self.sessions:
@@ -102,13 +102,9 @@ class RawSessions:
 
 
 def server_settings(env: dict[str, str]) -> Settings:
-    """The settings the server reads from `env` that decide how its session runs (BARLOW_DEVICE, ...)."""
-    def number(name: str) -> int:
-        return int(env.get(name) or 0)
-
-    return Settings(device=env.get("BARLOW_DEVICE", os.environ.get("BARLOW_DEVICE", "auto")),
-                    encoder=env.get("BARLOW_ENCODER", "auto"), threads=number("BARLOW_THREADS"),
-                    workers=number("BARLOW_WORKERS"))
+    """The settings the server will read (serving/settings.py) from this environment plus `env`."""
+    with mock.patch.dict(os.environ, env):
+        return settings_from_env()
 
 
 def serialisation_ms(rows: int = 64, dim: int = 2048, repeats: int = 20) -> dict:
@@ -176,7 +172,7 @@ def main() -> int:
                         "(default %(default)s)")
     parser.add_argument("--warmup", type=float, default=5, help="served warm-up, not counted (default %(default)s)")
     parser.add_argument("--workers", type=int, default=0,
-                        help="Embedder (HTTP) worker processes (default 0: the server's own, usable CPUs - 1)")
+                        help="Embedder (HTTP) worker processes (default 0: the server's own choice)")
     parser.add_argument("--client-processes", type=int, default=1,
                         help="processes the C clients are spread over (default %(default)s)")
     parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
@@ -199,7 +195,8 @@ def main() -> int:
                "BARLOW_MAX_INFLIGHT_IMAGES": str(max(args.clients * args.images_per_request, 2 * max(batch, args.clients))),
                "BARLOW_MAX_QUEUE_MS": "0",
                **dict(item.split("=", 1) for item in args.server_env)}
-        raw_session = RawSessions(model_dir, batch, server_settings(env))
+        settings = server_settings(env)
+        raw_session = RawSessions(model_dir, batch, settings)
         providers = raw_session.providers
         raw_mixed = raw_session.images_per_s(args.seconds, list(range(1, batch + 1)))
         raws = [raw_session.images_per_s(args.seconds)]
@@ -242,8 +239,8 @@ def main() -> int:
         "clients": args.clients,
         "images_per_request": args.images_per_request,
         "batch": batch,
-        "encoder": server_settings(env).encoder_place(),  # in the HTTP worker, or its own process
-        "workers": server_settings(env).http_workers(),
+        "encoder": settings.encoder_place(),  # in the HTTP worker, or its own process
+        "workers": settings.http_workers(),
         "sessions": raw_session.count,  # in all workers, as the raw figure ran them
         "session_threads": raw_session.threads,
         "client_processes": args.client_processes,

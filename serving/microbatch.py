@@ -17,7 +17,9 @@ Per-item failures are values returned by `call` (the caller decides what an item
 like), so one request's bad image never fails another request. An exception from `call` itself
 (the encoder unreachable or overloaded) fails the requests whose items were in that call, and only
 those. A request cancelled while waiting (its client left) takes its unsent items out of the queue;
-the calls already running for others are never cancelled with it. Pure asyncio: one event loop, no locks.
+the calls already running for others are never cancelled with it. MicroBatcher is pure asyncio (one
+event loop, no locks); ThreadBatcher (an encoder in the same process) follows the same rules on
+threads of its own, which share its queue under one lock.
 """
 
 from __future__ import annotations
@@ -82,9 +84,7 @@ class MicroBatcher(Generic[T, R]):
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _withdraw(self, request: _Request) -> None:
-        if request in self.queue:
-            self.queue.remove(request)
-            self.queued -= len(request.items) - request.sent
+        self.queued -= withdraw(self.queue, request)
 
     def _due(self) -> bool:
         """Whether the queued items go out now (the module docstring's rules), else arm the window's timer."""
@@ -166,9 +166,7 @@ class ThreadBatcher(Generic[T, R]):
             raise
 
     def _withdraw(self, request: _Request) -> None:
-        if request in self.queue:
-            self.queue.remove(request)
-            self.queued -= len(request.items) - request.sent
+        self.queued -= withdraw(self.queue, request)
 
     def _work(self, call: Callable[[list[T]], Sequence[R]]) -> None:
         while True:
@@ -209,6 +207,14 @@ def take(queue: deque[_Request], room: int) -> tuple[list[Piece], int]:
         if end == len(request.items):
             queue.popleft()
     return pieces, taken
+
+
+def withdraw(queue: deque[_Request], request: _Request) -> int:
+    """Take a request out of the queue: how many of its items were still waiting (0 if it was not there)."""
+    if request not in queue:
+        return 0
+    queue.remove(request)
+    return len(request.items) - request.sent
 
 
 def items_of(pieces: list[Piece]) -> list[Any]:

@@ -154,7 +154,7 @@ async def model(request: Request) -> JSONResponse:
     service: Embedder = bentoml.get_current_service()
     runtime = await service.encoder_runtime()
     if runtime is not None:
-        runtime = {**runtime, "encoder": ENCODER_PLACE, "sessions": SETTINGS.sessions_per_worker()}
+        runtime = {**runtime, "encoder": ENCODER_PLACE, "sessions": len(service.local) or 1}
     return JSONResponse({**service.info, "runtime": runtime})
 
 
