@@ -10,7 +10,7 @@ near BARLOW_MAX_QUEUE_MS) must answer the excess with fast 503s: latency is repo
 The server runs with the service defaults (BARLOW_* unset). Merges "load" and "soak" into
 bench/results/reliability-<date>.json.
 
-Clients are bench/loadgen.py's closed loops (retry at once, aiohttp, bodies built once), spread over
+Clients are bench/loadgen.py's closed loops (retry at once, keep-alive connections, bodies built once), spread over
 --client-processes processes on the same cores as the server. Each
 level also records "server_side": the server's own barlow_request_seconds histogram over the level
 (bucket bounds of p50/p99 per status), so the server's time is told apart from the load generator's.
@@ -195,7 +195,7 @@ def main() -> int:
              "model": {"arch": args.arch, "image_size": args.image_size},
              "provider": runtime["provider"], "precision": runtime["precision"],
              "server": "barlow serve on 127.0.0.1, service defaults",
-             "clients": f"aiohttp closed loops in {args.client_processes} asyncio processes on the same machine",
+             "clients": f"keep-alive closed loops (bench/loadgen.py) in {args.client_processes} asyncio processes on the same machine",
              "note": args.note, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     record_path = args.out / f"reliability-{datetime.date.today().isoformat()}.json"
     merge_record(record_path, "load", {**where, "seconds_per_level": args.seconds, "levels": levels,

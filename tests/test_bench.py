@@ -24,15 +24,20 @@ def key_paths(record: object, prefix: str = "") -> set[str]:
     ("train_throughput.py", ["--device", "cpu", "--preset", "tiny", "--steps", "2", "--warmup", "1", "--images", "64", "--workers", "1"],
      "train_throughput-cpu-2core-2026-11-27.json"),
     ("augment_ops.py", ["--batch", "4"], "augment_ops-cpu-1threads-2026-11-27.json"),
+    # a real server and bench/loadgen.py's clients, a second per round
+    ("serve_throughput.py", ["--seconds", "1", "--rounds", "1", "--warmup", "0.5"],
+     "serve-cpu-2core-resnet18-32px-2026-12-01.json"),
 ])
 def test_bench_script_writes_the_committed_record_keys(tmp_path, script, args, committed):
     result = subprocess.run([sys.executable, str(REPO / "bench" / script), *args, "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    written = list(tmp_path.glob(f"{script.removesuffix('.py')}-*.json"))
+    written = list(tmp_path.glob(f"{committed.split('-')[0]}-*.json"))
     assert len(written) == 1, result.stdout[-2000:]
     expected = key_paths(json.loads((REPO / "bench" / "results" / committed).read_text()))
-    assert key_paths(json.loads(written[0].read_text())) == expected
+    record = json.loads(written[0].read_text())
+    assert key_paths(record) == expected
+    assert record.get("failures", {}) == {}, "every request the load generator sent was answered 200"
 
 
 def test_quality_writes_the_record_issue_14_names(tmp_path):
