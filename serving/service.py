@@ -73,6 +73,10 @@ NO_RUNNER_PROBE = {"enabled": False, "timeout": READY_TIMEOUT_S, "period": 10}
 # is for a socket that accepts with no process behind it (a failed encoder), which would hold the probe,
 # and a shutdown waiting on it, for the full TIMEOUT_S.
 WARM_UP_TIMEOUT_S = 15
+# BentoML's OpenTelemetry middleware builds a span per request even when no trace is sampled (its default),
+# about a tenth of the event loop's time per /embed request; a BentoML config that samples traces can
+# name its own services.barlow-embed.tracing.excluded_urls to trace these routes too.
+UNTRACED = ["/embed", "/embed_base64", "/search"]
 
 
 @bentoml.service(name="barlow-batched-model", workers=1, threads=1, traffic={"timeout": TIMEOUT_S},
@@ -182,7 +186,8 @@ api = Starlette(routes=[
 
 
 @bentoml.service(name="barlow-embed", workers=SETTINGS.http_workers(), traffic={"timeout": TIMEOUT_S},
-                 runner_probe=NO_RUNNER_PROBE)
+                 runner_probe=NO_RUNNER_PROBE, logging={"access": {"enabled": bool(SETTINGS.access_log)}},
+                 tracing={"excluded_urls": UNTRACED})
 @bentoml.asgi_app(Gate(api, current_admission, ("/embed", "/embed_base64")), path="/")
 class Embedder:
     """Public API: POST /embed, POST /embed_base64, POST /search, GET /model; BentoML adds /readyz /livez /metrics."""

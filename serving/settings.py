@@ -69,6 +69,9 @@ class Settings:
     # BARLOW_DECODE: where images are decoded: worker (PIL in the HTTP workers) | encoder (JPEGs on the
     # model's device, pipeline/data/device_decode.py) | auto (encoder when it runs CUDA/TensorRT)
     decode: str = "auto"
+    # BARLOW_ACCESS_LOG: 1 logs a line per request (BentoML's access log); 0: off, since at hundreds of
+    # requests/s the log line costs CPU the model needs, and barlow_request_seconds{route,status} counts them
+    access_log: int = 0
 
     @property
     def inflight_limit(self) -> int:
@@ -156,7 +159,7 @@ def settings_from_env() -> Settings:
             for name, minimum in (("max_images", 1), ("max_pixels", 1), ("max_body_mb", 1), ("threads", 0),
                                   ("workers", 0), ("max_batch", 1), ("max_latency_ms", 1),
                                   ("max_inflight_images", 0), ("max_queue_ms", 0), ("body_timeout_s", 1),
-                                  ("inline_pixels", 0), ("pad_batches", -1))}
+                                  ("inline_pixels", 0), ("pad_batches", -1), ("access_log", 0))}
     served = pin_model_dir(model_dir) if model_dir else None
     if storage.is_url(index_dir):
         index_dir = str(local_index(index_dir))

@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -438,7 +439,7 @@ def encoder_decoding_server(model, tmp_path_factory):
     decodes the JPEGs."""
     tmp = tmp_path_factory.mktemp("encoder-decode")
     env = {**bentoml_env(tmp), "BARLOW_ENCODER": "process", "BARLOW_DECODE": "encoder", "BARLOW_WORKERS": "1",
-           "BARLOW_MAX_IMAGES": str(MAX_IMAGES),
+           "BARLOW_MAX_IMAGES": str(MAX_IMAGES), "BARLOW_ACCESS_LOG": "1",
            "BARLOW_MAX_PIXELS": str(MAX_PIXELS), "BARLOW_MAX_BATCH": "32"}
     running = start_server(model[1], env=env, log_file=tmp / "server.log")
     yield running
@@ -515,6 +516,25 @@ def test_encoder_decoding_a_corrupt_jpeg_fails_only_its_own_request(encoder_deco
         assert embed(http, [("x.jpg", bytes(huffman))]).json()["error"].startswith("image 0: the JPEG image is corrupt")
         too_big = embed(http, [("big.png", big_png(2000, 1000))])
         assert too_big.status_code == 413 and too_big.json()["index"] == 0  # refused by the header check
+
+
+def test_the_access_log_is_off_unless_asked_for(server, client, encoder_decoding_server):
+    """BentoML's line per request costs CPU the model needs at hundreds of requests/s: off by default,
+    BARLOW_ACCESS_LOG=1 turns it on (the encoder-decoding server runs with it)."""
+    images = [("a.jpg", encode(photo(7), "JPEG"))]
+    assert embed(client, images).status_code == 200
+    with httpx.Client(base_url=encoder_decoding_server.url, timeout=60) as http:
+        assert embed(http, images).status_code == 200
+    access_line = re.compile(r"method=POST,path=/embed\b.*status=200")
+
+    def logged(running) -> bool:
+        deadline = time.monotonic() + 10  # the worker's log reaches the file a moment after the response
+        while not (found := bool(access_line.search(running.log_path.read_text()))) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return found
+
+    assert logged(encoder_decoding_server), log_tail(encoder_decoding_server)
+    assert not access_line.search(server.log_path.read_text()), log_tail(server)
 
 
 def test_one_worker_merges_concurrent_requests_into_fewer_encoder_calls(encoder_decoding_server):

@@ -37,14 +37,14 @@ def test_every_variable_is_read(clean_env, tmp_path):
               "BARLOW_THREADS": "2", "BARLOW_WORKERS": "4", "BARLOW_MAX_BATCH": "16", "BARLOW_MAX_LATENCY_MS": "500",
               "BARLOW_MAX_INFLIGHT_IMAGES": "7", "BARLOW_MAX_QUEUE_MS": "0", "BARLOW_BODY_TIMEOUT_S": "9",
               "BARLOW_INLINE_PIXELS": "0", "BARLOW_PAD_BATCHES": "1", "BARLOW_DECODE": " Encoder ",
-              "BARLOW_ENCODER": "Process"}
+              "BARLOW_ENCODER": "Process", "BARLOW_ACCESS_LOG": "1"}
     for name, value in values.items():
         clean_env.setenv(name, value)
     assert settings_from_env() == Settings(
         model_dir=tmp_path.resolve(), index_dir=tmp_path / "i", device="cpu", precision="fp32", api_token="t", max_images=3,
         max_pixels=1_000_000, max_body_mb=5, threads=2, workers=4, max_batch=16, max_latency_ms=500,
         max_inflight_images=7, max_queue_ms=0, body_timeout_s=9, inline_pixels=0, pad_batches=1, decode="encoder",
-        encoder="process")
+        encoder="process", access_log=1)
 
 
 @pytest.mark.parametrize("name, value, message", [
