@@ -10,8 +10,8 @@ near BARLOW_MAX_QUEUE_MS) must answer the excess with fast 503s: latency is repo
 The server runs with the service defaults (BARLOW_* unset). Merges "load" and "soak" into
 bench/results/reliability-<date>.json.
 
-Clients are bench/loadgen.py's closed loops (retry at once, keep-alive connections, bodies built once), spread over
---client-processes processes on the same cores as the server. Each
+Clients are bench/loadgen.py's closed loops (retry at once, keep-alive connections, bodies built
+once), spread over --client-processes processes on the same cores as the server. Each
 level also records "server_side": the server's own barlow_request_seconds histogram over the level
 (bucket bounds of p50/p99 per status), so the server's time is told apart from the load generator's.
 """
@@ -30,7 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from loadgen import bodies, client_pool, post, run_clients  # noqa: E402
+from loadgen import Connections, bodies, post, run_clients  # noqa: E402
 from serve_throughput import jpegs, server_runtime  # noqa: E402
 
 from pipeline.serve import start_server  # noqa: E402
@@ -127,7 +127,7 @@ async def soak(url: str, pid: int, blobs: list[bytes], clients: int, total: int)
                 rss[number] = server_rss_mb(pid)
 
     begin = time.perf_counter()
-    async with client_pool(url, clients) as http:
+    async with Connections(url) as http:
         await asyncio.gather(*(client(http) for _ in range(clients)))
     result = summary(latencies, statuses, time.perf_counter() - begin, 1)
     rss[total] = server_rss_mb(pid)

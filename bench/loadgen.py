@@ -97,11 +97,6 @@ async def post(http: Connections, body: bytes, accept: str = JSON) -> str:
         return type(exc).__name__  # refused, dropped or timed-out requests count too
 
 
-def client_pool(url: str, clients: int) -> Connections:
-    """Connections for `clients` concurrent loops (each opens one when none is idle)."""
-    return Connections(url)
-
-
 async def closed_loops(url: str, payloads: list[bytes], clients: int, first: int, warmup: float,
                        seconds: float, accept: str = JSON) -> tuple[list[tuple[str, float]], float]:
     """`clients` closed loops for warm-up + seconds: (status, latency) of the requests started in the window."""
@@ -116,7 +111,7 @@ async def closed_loops(url: str, payloads: list[bytes], clients: int, first: int
             if start >= measure_from:
                 outcomes.append((status, time.perf_counter() - start))
 
-    async with client_pool(url, clients) as http:
+    async with Connections(url) as http:  # a loop opens a connection when none is idle
         await asyncio.gather(*(client(first + i, http) for i in range(clients)))
     return outcomes, time.perf_counter() - measure_from
 
