@@ -223,7 +223,7 @@ class Embedder:
         self.admission = Admission(self.settings.inflight_limit, self.settings.max_queue_ms / 1000,
                                    min_limit=self.settings.max_batch)
         self.search_index = open_index(self.settings.index_dir, self.info)  # None: /search answers 404
-        self.warm = bool(self.local)  # local encoders warmed themselves up
+        self.warm = False  # BatchedModel's path warmed up (local encoders warmed themselves up)
         self.warm_lock = asyncio.Lock()
         metrics.MODEL_INFO.labels(self.name, self.info.get("onnx_sha256", ""), str(self.dim)).set(1)
         logger.info("serving %s (dim %d, %d px); max %d images and %d pixels per image, %d images in flight "

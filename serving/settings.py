@@ -137,24 +137,23 @@ def env_int(name: str, default: int, minimum: int = 1) -> int:
     return number
 
 
+def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    value = os.environ.get(name, "").strip().lower() or default
+    if value not in choices:
+        raise UserError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+    return value
+
+
 def settings_from_env() -> Settings:
     model_dir = os.environ.get("BARLOW_MODEL_DIR", "").strip()
     bundled = PROJECT_ROOT / BUNDLED_MODEL
     if not model_dir and ((bundled / "model.json").is_file() or (bundled / POINTER).is_file()):
         model_dir = BUNDLED_MODEL  # a Bento served with `bentoml serve TAG` does not get its envs
-    device = os.environ.get("BARLOW_DEVICE", "").strip().lower() or DEFAULTS["device"]
-    if device not in RUNTIME_DEVICES:
-        raise UserError(f"BARLOW_DEVICE must be one of {', '.join(RUNTIME_DEVICES)}, not {device!r}")
-    precision = os.environ.get("BARLOW_PRECISION", "").strip().lower() or DEFAULTS["precision"]
-    if precision not in PRECISIONS:
-        raise UserError(f"BARLOW_PRECISION must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    device = env_choice("BARLOW_DEVICE", RUNTIME_DEVICES, DEFAULTS["device"])
+    precision = env_choice("BARLOW_PRECISION", PRECISIONS, DEFAULTS["precision"])
     index_dir = os.environ.get("BARLOW_INDEX_DIR", "").strip()
-    encoder = os.environ.get("BARLOW_ENCODER", "").strip().lower() or DEFAULTS["encoder"]
-    if encoder not in ENCODER_PLACES:
-        raise UserError(f"BARLOW_ENCODER must be one of {', '.join(ENCODER_PLACES)}, not {encoder!r}")
-    decode = os.environ.get("BARLOW_DECODE", "").strip().lower() or DEFAULTS["decode"]
-    if decode not in DECODE_PLACES:
-        raise UserError(f"BARLOW_DECODE must be one of {', '.join(DECODE_PLACES)}, not {decode!r}")
+    encoder = env_choice("BARLOW_ENCODER", ENCODER_PLACES, DEFAULTS["encoder"])
+    decode = env_choice("BARLOW_DECODE", DECODE_PLACES, DEFAULTS["decode"])
     ints = {name: env_int(f"BARLOW_{name.upper()}", DEFAULTS[name], minimum)
             for name, minimum in (("max_images", 1), ("max_pixels", 1), ("max_body_mb", 1), ("threads", 0),
                                   ("workers", 0), ("max_batch", 1), ("max_latency_ms", 1),

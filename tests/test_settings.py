@@ -64,7 +64,7 @@ def test_bad_values_are_one_sentence(clean_env, name, value, message):
 def test_no_barlow_variable_is_read_outside_the_settings():
     """Serving reads its environment in serving/settings.py only (test_every_variable_is_read covers those);
     the pipeline reads only BARLOW_FASHION_MNIST_DIR (where the data set lives), in one place."""
-    read = re.compile(r"(?:environ\.get|getenv|env_int)\(\s*f?[\"'](BARLOW_\w*)|environ\[[\"'](BARLOW_\w+)[\"']\](?!\s*=)")
+    read = re.compile(r"(?:environ\.get|getenv|env_int|env_choice)\(\s*f?[\"'](BARLOW_\w*)|environ\[[\"'](BARLOW_\w+)[\"']\](?!\s*=)")
     readers = {}
     for path in sorted((REPO / "pipeline").rglob("*.py")) + sorted((REPO / "serving").glob("*.py")):
         for match in read.finditer(path.read_text()):
