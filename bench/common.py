@@ -45,6 +45,29 @@ def write_record(path: Path, record: dict) -> None:
     write_json(path, record, indent=2)
 
 
+def process_tree(pid: int) -> list:
+    """psutil processes of `pid` and all its children (a server: BentoML's manager plus one per service);
+    the caller skips any that exit while it reads them (psutil.NoSuchProcess)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def cpu_seconds(processes: list) -> float:
+    """User plus system CPU seconds these processes used so far (those that exited count 0)."""
+    import psutil
+
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def device_label(on_gpu: bool) -> str:
     """The GPU's name (spaces as dashes) when the model ran on one, else cpu-<usable cores>core."""
     if on_gpu:

@@ -35,16 +35,15 @@ from serve_throughput import jpegs, server_runtime  # noqa: E402
 
 from pipeline.serve import start_server  # noqa: E402
 
-from common import RESULTS, commit, device_label, merge_record, random_model  # noqa: E402  (puts the repo on sys.path)
+from common import RESULTS, commit, device_label, merge_record, process_tree, random_model  # noqa: E402  (puts the repo on sys.path)
 
 
 def server_rss_mb(pid: int) -> float:
     """RSS of the server and all its children (BentoML's manager plus one process per service)."""
     import psutil
 
-    root = psutil.Process(pid)
     total = 0
-    for process in [root, *root.children(recursive=True)]:
+    for process in process_tree(pid):
         try:
             total += process.memory_info().rss
         except psutil.NoSuchProcess:  # a worker that exits between listing and reading

@@ -8,6 +8,10 @@ costs against the model alone. This machine's speed drifts by a third within min
 are measured in turns (raw, served, raw, served, ..., raw): each served round is compared with the mean
 of the raw rounds on either side, and the record's ratio is the median of those (every round is kept).
 `provider` and `precision` are what the server's /model says runs, not what this script expects.
+After the rounds, `cpu_ms` says where a request's CPU goes (the model per image in the raw sessions, the
+whole server per /embed request, the server per request /embed refuses before reading a body, the clients
+per request) and `served_over_raw_ceiling` what follows for any handler: with the clients on the server's
+cores, served/raw cannot pass N m / (N m + refused + client) (cpu_accounting).
 --response-format npy has the clients ask for .npy bodies (Accept: application/x-npy); every record also
 times the server's own serialisation of a 64 x 2048 response as JSON floats and as .npy
 (serving/responses.py, the functions /embed calls).
@@ -45,8 +49,8 @@ from serving.responses import NPY, json_floats, npy  # noqa: E402
 from serving.settings import Settings, settings_from_env  # noqa: E402
 
 from loadgen import bodies, run_clients  # noqa: E402
-from common import (RESULTS, commit, device_label, random_model,  # noqa: E402  (also puts the repo on sys.path)
-                    write_record)
+from common import (RESULTS, commit, cpu_seconds, device_label, process_tree,  # noqa: E402  (puts the repo on sys.path)
+                    random_model, write_record)
 
 ACCEPT = {"json": "application/json", "npy": NPY}
 
@@ -75,13 +79,15 @@ class RawSessions:
         self.sessions = [OnnxModel(resolve_model_dir(model_dir), settings.device, settings.session_threads(),
                                    max_batch=batch) for _ in range(self.count)]
         self.batch, self.providers, self.threads = batch, self.sessions[0].providers, self.sessions[0].threads
+        self.cpu_ms_per_image: list[float] = []
         size = self.sessions[0].image_size
         self.images = np.random.default_rng(0).integers(0, 256, (batch, 3, size, size), dtype=np.uint8)
         for session in self.sessions:
             session.warm_up(tuple(range(1, batch + 1)))
 
     def images_per_s(self, seconds: float, sizes: list[int] | None = None) -> float:
-        """At batch B, or cycling through `sizes` (range(1, B + 1): as adaptive batches come)."""
+        """At batch B, or cycling through `sizes` (range(1, B + 1): as adaptive batches come); the CPU
+        this process spent per image (the sessions' threads, nothing else runs) joins `cpu_ms_per_image`."""
         sizes = sizes or [self.batch]
         done = [0] * self.count
         stop = time.perf_counter() + seconds
@@ -92,12 +98,13 @@ class RawSessions:
                     self.sessions[number](self.images[:size])
                     done[number] += size
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         threads = [threading.Thread(target=run, args=(number,)) for number in range(self.count)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
+        self.cpu_ms_per_image.append((time.process_time() - cpu) * 1000 / max(sum(done), 1))
         return sum(done) / (time.perf_counter() - start)
 
 
@@ -138,6 +145,39 @@ def served_throughput(url: str, blobs: list[bytes], clients: int, processes: int
     failures = Counter(status for status, _ in outcomes if status != "200")
     return {"served_images_per_s": len(latencies) * images / elapsed, "p50_ms": float(np.percentile(latencies, 50)),
             "p99_ms": float(np.percentile(latencies, 99)), "requests": len(latencies), "failures": dict(failures)}
+
+
+def cpu_per_request(server_pid: int, url: str, payloads: list[bytes], clients: int, seconds: float,
+                    accept: str) -> dict:
+    """CPU milliseconds per request of the whole server (every process of it) and of the clients (this
+    process, whose raw sessions idle meanwhile), over `seconds` of C closed loops, and the statuses seen."""
+    processes = process_tree(server_pid)
+    server_cpu, client_cpu = cpu_seconds(processes), time.process_time()
+    outcomes, _ = run_clients(url, payloads, clients, 1, 0, seconds, accept)
+    count = max(len(outcomes), 1)
+    return {"server": (cpu_seconds(processes) - server_cpu) * 1000 / count,
+            "client": (time.process_time() - client_cpu) * 1000 / count,
+            "statuses": dict(Counter(status for status, _ in outcomes))}
+
+
+def cpu_accounting(raw: RawSessions, server_pid: int, url: str, payloads: list[bytes], clients: int,
+                   seconds: float, images: int, accept: str) -> dict:
+    """Where the CPU of a served request goes, and the best served/raw any /embed handler could reach here.
+
+    `server_per_request_refused` is a request /embed refuses before reading its body (Accept: text/plain,
+    406): uvicorn, BentoML's middleware, the routing, nothing of ours beyond that. With the model on the
+    CPU and the clients on the same cores, served/raw <= N m / (N m + refused + client) for N images per
+    request of m ms each: the ceiling of this HTTP stack on this machine, whatever the handler does."""
+    served = cpu_per_request(server_pid, url, payloads, clients, seconds, accept)
+    refused = cpu_per_request(server_pid, url, [b""], clients, seconds, "text/plain")
+    if set(refused["statuses"]) != {"406"}:
+        raise RuntimeError(f"/embed answered {refused['statuses']} to Accept: text/plain, not only 406")
+    model = float(np.median(raw.cpu_ms_per_image))
+    figures = {"model_per_image_raw": model, "server_per_request": served["server"],
+               "server_per_request_refused": refused["server"], "client_per_request": served["client"]}
+    ceiling = images * model / (images * model + refused["server"] + served["client"])
+    return {"cpu_ms": {name: round(value, 3) for name, value in figures.items()},
+            "served_over_raw_ceiling": round(ceiling, 3)}
 
 
 def server_metrics(url: str) -> dict:
@@ -217,6 +257,9 @@ def main() -> int:
                 print(f"round {number + 1}: served {served['served_images_per_s']:.1f} images/s, raw "
                       f"{raws[-1]:.1f}, served/raw {served['over_raw']:.3f}", flush=True)
             server_side = server_metrics(server.url)
+            accounting = cpu_accounting(raw_session, server.process.pid, server.url,
+                                        bodies(blobs, args.images_per_request), args.clients, args.seconds,
+                                        args.images_per_request, ACCEPT[args.response_format])
         finally:
             server.stop()
             if args.log:
@@ -251,6 +294,9 @@ def main() -> int:
         "response_format": args.response_format,
         **serialisation_ms(),  # after the server stopped: nothing else on the cores
         "server": server_side,
+        # CPU per request and the HTTP stack's ceiling (cpu_accounting); the ceiling assumes a CPU model
+        **(accounting if providers[0] == "CPUExecutionProvider" else {"cpu_ms": accounting["cpu_ms"],
+                                                                     "served_over_raw_ceiling": None}),
         "server_env": {k: v for k, v in env.items() if k.startswith("BARLOW_")},
         "requests": sum(r["requests"] for r in rounds),
         "failures": dict(sum((Counter(r["failures"]) for r in rounds), Counter())),

@@ -38,6 +38,10 @@ def test_bench_script_writes_the_committed_record_keys(tmp_path, script, args, c
     record = json.loads(written[0].read_text())
     assert key_paths(record) == expected
     assert record.get("failures", {}) == {}, "every request the load generator sent was answered 200"
+    if "cpu_ms" in record:  # the serve benchmark's accounting (it checked that every refused request got 406)
+        cpu = record["cpu_ms"]
+        assert 0 < cpu["server_per_request_refused"] < cpu["server_per_request"] and cpu["client_per_request"] > 0
+        assert 0 < record["served_over_raw_ceiling"] < 1
 
 
 def test_quality_writes_the_record_issue_14_names(tmp_path):
