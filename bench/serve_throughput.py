@@ -161,8 +161,9 @@ def cpu_per_request(server_pid: int, url: str, payloads: list[bytes], clients: i
 
 
 def cpu_accounting(raw: RawSessions, server_pid: int, url: str, payloads: list[bytes], clients: int,
-                   seconds: float, images: int, accept: str) -> dict:
-    """Where the CPU of a served request goes, and the best served/raw any /embed handler could reach here.
+                   seconds: float, images: int, accept: str, model_on_cpu: bool) -> dict:
+    """Where the CPU of a served request goes, and the best served/raw any /embed handler could reach here
+    (None when the model does not run on the CPU: the bound below does not hold then).
 
     `server_per_request_refused` is a request /embed refuses before reading its body (Accept: text/plain,
     406): uvicorn, BentoML's middleware, the routing, nothing of ours beyond that. With the model on the
@@ -177,7 +178,7 @@ def cpu_accounting(raw: RawSessions, server_pid: int, url: str, payloads: list[b
                "server_per_request_refused": refused["server"], "client_per_request": served["client"]}
     ceiling = images * model / (images * model + refused["server"] + served["client"])
     return {"cpu_ms": {name: round(value, 3) for name, value in figures.items()},
-            "served_over_raw_ceiling": round(ceiling, 3)}
+            "served_over_raw_ceiling": round(ceiling, 3) if model_on_cpu else None}
 
 
 def server_metrics(url: str) -> dict:
@@ -259,7 +260,8 @@ def main() -> int:
             server_side = server_metrics(server.url)
             accounting = cpu_accounting(raw_session, server.process.pid, server.url,
                                         bodies(blobs, args.images_per_request), args.clients, args.seconds,
-                                        args.images_per_request, ACCEPT[args.response_format])
+                                        args.images_per_request, ACCEPT[args.response_format],
+                                        runtime["provider"] == "CPUExecutionProvider")
         finally:
             server.stop()
             if args.log:
@@ -294,9 +296,7 @@ def main() -> int:
         "response_format": args.response_format,
         **serialisation_ms(),  # after the server stopped: nothing else on the cores
         "server": server_side,
-        # CPU per request and the HTTP stack's ceiling (cpu_accounting); the ceiling assumes a CPU model
-        **(accounting if providers[0] == "CPUExecutionProvider" else {"cpu_ms": accounting["cpu_ms"],
-                                                                     "served_over_raw_ceiling": None}),
+        **accounting,  # cpu_ms and served_over_raw_ceiling
         "server_env": {k: v for k, v in env.items() if k.startswith("BARLOW_")},
         "requests": sum(r["requests"] for r in rounds),
         "failures": dict(sum((Counter(r["failures"]) for r in rounds), Counter())),
