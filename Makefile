@@ -1,6 +1,7 @@
 # make demo: the whole flow on Fashion-MNIST.   make test: the test suite (what CI runs).
 # Both create .venv, install the project with its dev extra and the Fashion-MNIST Debian package when
-# missing; re-running skips what is already installed.
+# missing (make test also Chromium and its driver, for the search page's browser test); re-running skips
+# what is already installed.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,12 +11,12 @@ FMNIST := $(or $(BARLOW_FASHION_MNIST_DIR),/usr/share/datasets/fashion-mnist)
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test install data bench clean
+.PHONY: demo test install data browser bench clean
 
 demo: install data
 	$(BIN)/barlow demo --out $(DEMO_DIR)
 
-test: install data
+test: install data browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 install: $(STAMP)
@@ -34,6 +35,17 @@ data:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
 	else \
 		echo "Fashion-MNIST is missing; run: sudo apt-get install dataset-fashion-mnist"; exit 1; \
+	fi
+
+# Headless Chromium and its driver, for the search page's browser test (tests/test_index.py).
+browser:
+	@if command -v chromedriver >/dev/null && { command -v chromium || command -v chromium-browser; } >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then \
+		echo "installing the Debian packages chromium and chromium-driver"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } || \
+			echo "could not install Chromium; the browser test will skip"; \
+	else \
+		echo "no Chromium here; the browser test will skip (sudo apt-get install chromium chromium-driver)"; \
 	fi
 
 bench: install data

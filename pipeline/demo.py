@@ -1,10 +1,10 @@
 """`barlow demo`: the whole flow on the embedded default, Fashion-MNIST, sized for a 2-core CPU.
 
 shards -> a short pretraining -> ONNX export -> a kNN check against raw pixels -> batch-embed and index the test split -> one
-search -> `barlow serve` with /embed and /search, one image embedded over HTTP, then serving until
-Ctrl-C (`--no-serve` stops there, for scripts and tests). Every stage is the real command a user
-would run; the demo only chooses small sizes. Re-running skips finished stages (an existing RUN_DIR
-resumes; a finished one is kept).
+search -> `barlow serve` with /embed, /search and the search page, one image embedded over HTTP, then
+serving until Ctrl-C, with the page's address as the last line (`--no-serve` stops there, for scripts
+and tests). Every stage is the real command a user would run; the demo only chooses small sizes.
+Re-running skips finished stages (an existing RUN_DIR resumes; a finished one is kept).
 """
 
 from __future__ import annotations
@@ -132,7 +132,8 @@ def run(args) -> int:
     result = demo_query(model_dir, out / "search")
     print(f"search: {result['summary']}")
 
-    server = start_server(model_dir, port=args.port, index_dir=out / "search" / "index")
+    index_dir = out / "search" / "index"
+    server = start_server(model_dir, port=args.port, index_dir=index_dir)
     try:
         query = Path(result["query"]["path"])
         body, content_type = multipart("images", query.name, query.read_bytes(), "image/jpeg")
@@ -144,8 +145,9 @@ def run(args) -> int:
               f"first values {[round(v, 4) for v in embedding['embeddings'][0][:4]]}")
         print(f"try it:\n  curl -F images=@{query} {server.url}/embed\n  curl -F images=@{query} -F k=5 {server.url}/search")
         if args.no_serve:
+            print(f"search page: barlow serve {model_dir} --index {index_dir}, then open http://127.0.0.1:{args.port}/")
             return 0
-        print("serving until Ctrl-C", flush=True)
+        print(f"search page: {server.url}/ (drop an image there; serving until Ctrl-C)", flush=True)
         # Blocked so that sigwait takes them: SIGTERM's default action would end this process before the
         # finally below stops the server, which runs in its own session and would be left behind.
         stops = {signal.SIGINT, signal.SIGTERM}

@@ -18,6 +18,8 @@ from typing import Any
 from pipeline.embed.search import DEFAULT_K, MAX_K
 from serving.responses import DTYPES, ENCODINGS, JSON, NPY
 from serving.settings import Settings
+from serving.thumbnails import DEFAULT_SIZE as DEFAULT_THUMBNAIL_SIZE
+from serving.thumbnails import SIZES as THUMBNAIL_SIZES
 
 
 def ref(name: str) -> dict[str, str]:
@@ -115,9 +117,23 @@ def paths(settings: Settings) -> dict[str, Any]:
                                               f"at most {settings.max_images} (more: 413)"},
                     "normalize": BOOLEAN}}}}}, ok, {**ERRORS, **NOT_ACCEPTABLE}, settings, RESPONSE_PARAMETERS)},
         "/search": {"post": operation(
-            "Nearest indexed images of uploaded images", multipart_body(settings, "k", k_schema), found,
-            {**MULTIPART_ERRORS, "404": error("No index configured (BARLOW_INDEX_DIR)")}, settings,
-            [{"name": "k", "in": "query", "required": False, "schema": k_schema}])},
+            "Nearest indexed images of uploaded images, or of an indexed key",
+            {**multipart_body(settings, "k", k_schema), "required": False}, found,
+            {**MULTIPART_ERRORS, "404": error("No index configured (BARLOW_INDEX_DIR), or ?key= not in it")}, settings,
+            [{"name": "k", "in": "query", "required": False, "schema": k_schema},
+             {"name": "key", "in": "query", "required": False, "schema": {"type": "string", "minLength": 1},
+              "description": "instead of images (send no body): the neighbours of this indexed key, itself left out"}])},
+        "/thumbnail/{key}": {"get": operation(
+            "A small JPEG of an indexed image, read from its source", None,
+            {"description": "JPEG, at most `size` px on the longer side",
+             "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
+            {"404": error("No index configured, a key not in it, or its image unreadable at its source"),
+             "422": error(f"size is not an integer from {THUMBNAIL_SIZES.start} to {THUMBNAIL_SIZES.stop - 1}")},
+            settings,
+            [{"name": "key", "in": "path", "required": True, "schema": {"type": "string"}},
+             {"name": "size", "in": "query", "required": False, "schema": {
+                 "type": "integer", "minimum": THUMBNAIL_SIZES.start, "maximum": THUMBNAIL_SIZES.stop - 1,
+                 "default": DEFAULT_THUMBNAIL_SIZE}}])},
         "/model": {"get": {"summary": "The served model's model.json and what runs it", "tags": ["Service APIs"],
                            "responses": {"200": {"description": "model.json plus `runtime`",
                                                  "content": {JSON: {"schema": ref("ModelInfo")}}}}}},
@@ -181,7 +197,8 @@ def openapi_document(bentoml_spec: dict[str, Any], settings: Settings) -> dict[s
     """BentoML's document (info, probes) with our paths, schemas and, with a token, the bearer scheme."""
     document = copy.deepcopy(bentoml_spec)
     document["info"]["description"] = ("Barlow Twins image embeddings: POST /embed (multipart), /embed_base64 "
-                                       "(JSON), /search (nearest indexed images); GET /model.")
+                                       "(JSON), /search (nearest indexed images); GET /model, /thumbnail/{key}; the search page "
+                                       "at /.")
     for path, responses in PROBES.items():
         if path in document.get("paths", {}):
             document["paths"][path]["get"]["responses"].update(copy.deepcopy(responses))

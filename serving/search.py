@@ -9,6 +9,10 @@ deadline and batched model as /embed (serving/limits.py); faiss runs in a worker
 
 Response: `{"model": name, "k": k, "results": [{"neighbours": [{key, source, label, score}, ...]}, ...]}`,
 one result per image in request order, neighbours best first (score: cosine similarity).
+
+`POST /search?key=KEY&k=K` with no body searches by an indexed item instead (its stored vector; the
+item itself left out): the same response with one result, 404 for a key not in the index. This is
+how the search page follows a click on a result; it needs no model call.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from pipeline.embed.search import DEFAULT_K, MAX_K, SearchIndex
+from pipeline.errors import UserError
 from pipeline.runtime import l2_normalize
 from serving.requests import RequestError, read_image_parts
 
@@ -76,8 +81,30 @@ def search_payload(index: SearchIndex, embeddings: np.ndarray, k: int, model_nam
     return {"model": model_name, "k": k, "results": [{"neighbours": hits} for hits in results]}
 
 
+def key_payload(index: SearchIndex, key: str, k: int, model_name: str) -> dict[str, Any]:
+    """The neighbours of an indexed key, as the JSON body of a 200; 404 for a key not in the index."""
+    start = time.perf_counter()
+    try:
+        hits = index.neighbours_of_key(key, k)
+    except UserError:
+        raise RequestError(404, "unknown_key", f"key {key!r} is not in the index") from None
+    SEARCH_SECONDS.observe(time.perf_counter() - start)
+    SEARCH_QUERIES.inc()
+    return {"model": model_name, "k": k, "results": [{"neighbours": hits}]}
+
+
+def key_query(request: Request) -> tuple[str, int]:
+    """`?key=KEY&k=K` of a search by key; a body beside it would be ignored, so it is refused."""
+    if request.headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in request.headers:
+        raise RequestError(422, "bad_field", "search by ?key= takes no body; send images or a key, not both")
+    key = request.query_params["key"]
+    if not key:
+        raise RequestError(422, "bad_field", "key must not be empty")
+    return key, parse_k(request.query_params.get("k", DEFAULT_K))
+
+
 async def search(request: Request) -> JSONResponse:
-    """The route: auth, index, parse, decode, batched model, faiss (thread)."""
+    """The route: auth, index, parse, decode, batched model, faiss (thread); or a key's stored vector."""
     import anyio
     import bentoml
 
@@ -87,6 +114,9 @@ async def search(request: Request) -> JSONResponse:
     try:
         service.authorize(request)
         index = require_index(service.search_index)
+        if "key" in request.query_params:
+            key, k = key_query(request)
+            return JSONResponse(await anyio.to_thread.run_sync(key_payload, index, key, k, service.name))
         async with body_deadline(service.settings.body_timeout_s):
             images, k = await parse_search(request, service.settings.max_images)
         with service.admission.admit(len(images)):  # the same per-worker bound as /embed: 503 when full

@@ -49,9 +49,11 @@ from serving.microbatch import MicroBatcher, ThreadBatcher
 from serving.requests import (EmbedRequest, RequestError, check_body_size, check_headers, check_token, encoder_items,
                               header_pixels, parse_base64_json, parse_multipart, preprocess_all, read_body)
 from serving.responses import ResponseFormat, negotiate, render
+from serving.page import asset, page
 from serving.search import open_index, search
 from serving.settings import settings_from_env
 from serving.startup import install_supervisor_hook, stop_server
+from serving.thumbnails import ThumbnailCache, thumbnail_route
 
 logger = logging.getLogger(__name__)
 for _name in ("serving", "pipeline"):  # BentoML's server logging config sets the root to WARNING
@@ -76,7 +78,7 @@ WARM_UP_TIMEOUT_S = 15
 # BentoML's OpenTelemetry middleware builds a span per request even when no trace is sampled (its default),
 # about a tenth of the event loop's time per /embed request; a BentoML config that samples traces can
 # name its own services.barlow-embed.tracing.excluded_urls to trace these routes too.
-UNTRACED = ["/embed", "/embed_base64", "/search"]
+UNTRACED = ["/embed", "/embed_base64", "/search", "/thumbnail"]
 
 
 @bentoml.service(name="barlow-batched-model", workers=1, threads=1, traffic={"timeout": TIMEOUT_S},
@@ -182,6 +184,9 @@ api = Starlette(routes=[
     Route("/embed_base64", embed_base64, methods=["POST"]),
     Route("/search", search, methods=["POST"]),
     Route("/model", model, methods=["GET"]),
+    Route("/thumbnail/{key:path}", thumbnail_route, methods=["GET"]),
+    Route("/", page, methods=["GET"]),  # before BentoML's own page at /, which documents only its own APIs
+    Route("/page/{name}", asset, methods=["GET"]),
 ])
 
 
@@ -190,7 +195,8 @@ api = Starlette(routes=[
                  tracing={"excluded_urls": UNTRACED})
 @bentoml.asgi_app(Gate(api, current_admission, ("/embed", "/embed_base64")), path="/")
 class Embedder:
-    """Public API: POST /embed, POST /embed_base64, POST /search, GET /model; BentoML adds /readyz /livez /metrics."""
+    """Public API: POST /embed, POST /embed_base64, POST /search, GET /model, GET /thumbnail/{key}, and the search
+    page at /; BentoML adds /readyz /livez /metrics."""
 
     if ENCODER_PLACE == "process":
         model = bentoml.depends(BatchedModel)
@@ -223,6 +229,7 @@ class Embedder:
         self.admission = Admission(self.settings.inflight_limit, self.settings.max_queue_ms / 1000,
                                    min_limit=self.settings.max_batch)
         self.search_index = open_index(self.settings.index_dir, self.info)  # None: /search answers 404
+        self.thumbnails = ThumbnailCache()
         self.warm = False  # BatchedModel's path warmed up (local encoders warmed themselves up)
         self.warm_lock = asyncio.Lock()
         metrics.MODEL_INFO.labels(self.name, self.info.get("onnx_sha256", ""), str(self.dim)).set(1)

@@ -26,10 +26,11 @@ def test_demo_runs_every_stage_serves_and_stops_its_server_on_sigterm(tmp_path, 
     try:
         for line in process.stdout:
             lines.append(line.rstrip("\n"))
-            if line.startswith("serving until Ctrl-C"):
+            if line.startswith("search page: "):
                 break
-        assert lines and lines[-1] == "serving until Ctrl-C", "\n".join(lines[-30:])
-        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
+        assert lines and lines[-1].endswith("serving until Ctrl-C)"), "\n".join(lines[-30:])
+        page = lines[-1].split()[2]
+        assert page == f"http://127.0.0.1:{port}/" and 'id="file"' in httpx.get(page, timeout=10).text
         process.send_signal(signal.SIGTERM)  # what `docker stop` or a closed terminal's SIGHUP-then-TERM sends
         assert process.wait(timeout=120) == 0
     finally:

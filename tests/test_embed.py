@@ -124,9 +124,10 @@ def test_parts_hold_every_image_once_with_schema_dim_and_the_served_embedding(em
     for shard, part in zip(shards, parts):
         table = pq.read_table(part)
         assert table.schema.remove_metadata() == pa.schema([
-            ("key", pa.string()), ("source", pa.string()), ("label", pa.int32()),
+            ("key", pa.string()), ("source", pa.string()), ("label", pa.int32()), ("shard", pa.string()),
             ("embedding", pa.list_(pa.float32(), 512))])
         assert table.column("key").to_pylist() == tar_keys(shard), "every sample, in shard order"
+        assert set(table.column("shard").to_pylist()) == {str(shard.resolve())}, "where thumbnails read the members"
     rows = read_rows(emb_dir)
     assert len(rows["key"]) == len(set(rows["key"])) == 200
     assert rows["source"][:2] == ["fashion-mnist:test/0", "fashion-mnist:test/1"]

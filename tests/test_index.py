@@ -3,13 +3,17 @@ keys, a resized re-encoded copy finding its original, --key, model mismatches re
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import shutil
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from pipeline import cli
 from pipeline.embed.embed import embed
@@ -167,41 +171,161 @@ def test_ivf_pq_trains_on_a_sample_and_keeps_recall_against_flat(tmp_path):
     assert len(near) == 5 and all(h["key"] != "k120" for h in near)
 
 
-@pytest.mark.slow  # the exported model and its embeddings (~30 s once per session)
-def test_search_endpoint_through_a_real_server(model_dir, index_dir, query_files, tmp_path):
+@pytest.fixture(scope="module")
+def server(model_dir, index_dir, tmp_path_factory):
+    """A real `bentoml serve` of the shared model with its index, behind a token (the page's tests use it too)."""
     from pipeline.serve import start_server
 
-    env = {"BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true", "BARLOW_API_TOKEN": TOKEN,
+    tmp = tmp_path_factory.mktemp("search-server")
+    env = {"BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true", "BARLOW_API_TOKEN": TOKEN,
            "BARLOW_MAX_IMAGES": "4"}
-    server = start_server(model_dir, env=env, index_dir=index_dir, log_file=tmp_path / "server.log")
+    running = start_server(model_dir, env=env, index_dir=index_dir, log_file=tmp / "server.log")
+    yield running
+    assert running.stop() == 0, log_tail(running)
+
+
+@pytest.fixture()
+def http(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as client:
+        yield client
+
+
+@pytest.mark.slow  # the exported model and its embeddings (~30 s once per session)
+def test_search_endpoint_through_a_real_server(server, http, query_files):
+    files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in query_files]
+    response = http.post("/search", files=files, data={"k": "3"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["k"] == 3 and len(body["results"]) == len(QUERIES)
+    for result, index in zip(body["results"], QUERIES):
+        hits = result["neighbours"]
+        assert len(hits) == 3 and hits[0]["key"] == f"{index:06d}" and hits[0]["score"] > 0.99
+    single = http.post("/search?k=1", files=files[:1])
+    assert single.status_code == 200 and len(single.json()["results"][0]["neighbours"]) == 1
+
+    def rejected(status: int, *args, **kwargs) -> str:
+        reply = http.post("/search", *args, **kwargs)
+        assert reply.status_code == status, reply.text
+        return reply.json()["error"]
+
+    assert "k must be an integer from 1 to 1000" in rejected(422, files=files[:1], data={"k": "0"})
+    assert "k must be" in rejected(422, files=files[:1], data={"k": "1001"})
+    assert "unknown field" in rejected(422, files=files[:1], data={"normalize": "true"})
+    assert "image 1:" in rejected(400, files=[files[0], ("images", ("x.jpg", b"garbage", "image/jpeg"))])
+    assert "more than" in rejected(413, files=files + files[:1])
+    assert "multipart" in rejected(415, json={"images": []})
+    assert httpx.post(f"{server.url}/search", files=files[:1]).status_code == 401
+    assert http.post("/embed", files=files[:1]).status_code == 200, "/embed still served beside /search"
+
+@pytest.mark.slow
+def test_search_by_key_and_thumbnails_through_a_real_server(server, http):
+    """POST /search?key= follows a result; GET /thumbnail/{key} reads the member from its shard; keys are only
+    looked up, so traversal attempts find nothing."""
+    found = http.post("/search?key=000003&k=3")
+    assert found.status_code == 200, found.text
+    hits = found.json()["results"][0]["neighbours"]
+    assert len(hits) == 3 and "000003" not in [h["key"] for h in hits] and hits[0]["label"] is not None
+    assert http.post("/search?key=nope").status_code == 404
+    assert http.post("/search?key=000003", files=[("images", ("a.jpg", b"x", "image/jpeg"))]).status_code == 422
+
+    thumb = http.get("/thumbnail/000003?size=64")
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    image = Image.open(io.BytesIO(thumb.content))
+    assert image.format == "JPEG" and image.size == (28, 28)  # never enlarged
+    assert Image.open(io.BytesIO(http.get("/thumbnail/000003?size=16").content)).size == (16, 16)
+    assert http.get("/thumbnail/000003?size=9999").status_code == 422
+    assert httpx.get(f"{server.url}/thumbnail/000003").status_code == 401
+    assert http.get("/thumbnail/no-such-key").json()["error"] == "key 'no-such-key' is not in the index"
+    for path in ("/thumbnail/..%2F..%2F..%2Fetc%2Fpasswd", "/thumbnail/%2Fetc%2Fpasswd", "/thumbnail/../../etc/passwd",
+                 f"/thumbnail/{index_path_of(server)}", "/page/..%2Fservice.py", "/page/service.py"):
+        reply = http.send(http.build_request("GET", httpx.URL(server.url + path)))  # sent as written
+        assert reply.status_code == 404 and b"root:" not in reply.content, (path, reply.text)
+
+    page = httpx.get(f"{server.url}/")  # public: the page holds no data, its requests send the token
+    assert page.status_code == 200 and 'id="file"' in page.text and "Content-Security-Policy" in page.headers
+    assert httpx.get(f"{server.url}/page/page.js").headers["content-type"].startswith("text/javascript")
+
+
+def index_path_of(server) -> str:
+    """A file the server can read but the index does not name (its own log), as a thumbnail key."""
+    return str(server.log_path).lstrip("/")
+
+
+ARTIFACTS = Path(os.environ.get("BARLOW_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "runs" / "test-artifacts"))
+
+
+def headless_chromium():
+    """Headless Chromium driven through Debian's chromedriver (`make browser` installs both), or a skip."""
     try:
-        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as http:
-            files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in query_files]
-            response = http.post("/search", files=files, data={"k": "3"})
-            assert response.status_code == 200, response.text
-            body = response.json()
-            assert body["k"] == 3 and len(body["results"]) == len(QUERIES)
-            for result, index in zip(body["results"], QUERIES):
-                hits = result["neighbours"]
-                assert len(hits) == 3 and hits[0]["key"] == f"{index:06d}" and hits[0]["score"] > 0.99
-            single = http.post("/search?k=1", files=files[:1])
-            assert single.status_code == 200 and len(single.json()["results"][0]["neighbours"]) == 1
+        from selenium import webdriver
+    except ImportError:
+        pytest.skip("selenium is not installed: pip install -e '.[dev]'")
+    browser = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    driver = shutil.which("chromedriver")
+    if browser is None or driver is None:
+        pytest.skip("no Chromium with chromedriver here: make browser (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console errors in failure messages
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                     "--window-size=1280,1000"):
+        options.add_argument(argument)
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
 
-            def rejected(status: int, *args, **kwargs) -> str:
-                reply = http.post("/search", *args, **kwargs)
-                assert reply.status_code == status, reply.text
-                return reply.json()["error"]
 
-            assert "k must be an integer from 1 to 1000" in rejected(422, files=files[:1], data={"k": "0"})
-            assert "k must be" in rejected(422, files=files[:1], data={"k": "1001"})
-            assert "unknown field" in rejected(422, files=files[:1], data={"normalize": "true"})
-            assert "image 1:" in rejected(400, files=[files[0], ("images", ("x.jpg", b"garbage", "image/jpeg"))])
-            assert "more than" in rejected(413, files=files + files[:1])
-            assert "multipart" in rejected(415, json={"images": []})
-            assert httpx.post(f"{server.url}/search", files=files[:1]).status_code == 401
-            assert http.post("/embed", files=files[:1]).status_code == 200, "/embed still served beside /search"
+def wait_for_search(driver, query: str) -> str:
+    """The page's status line once the search for `query` is over (data-state done or error)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def over(d):
+        state = d.find_element("tag name", "body").get_attribute("data-state")
+        line = d.find_element("id", "status").text
+        return line if state == "error" or (state == "done" and query in line) else False
+
+    state = lambda: (driver.find_element("tag name", "body").get_attribute("data-state"),  # noqa: E731
+                     driver.find_element("id", "status").text, driver.get_log("browser"))
+    return WebDriverWait(driver, 60).until(over, f"no end of the search for {query}: {state()}")
+
+
+def rendered(driver) -> list[tuple[str, int]]:
+    """(key, naturalWidth of its thumbnail) of every neighbour the page shows, in rank order."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#neighbours li')].map("
+        "li => [li.dataset.key, li.querySelector('img').complete ? li.querySelector('img').naturalWidth : 0])")
+
+
+@pytest.mark.slow
+def test_search_page_in_a_real_browser(server, query_files):
+    """Upload a re-encoded copy: its original comes first and every neighbour's thumbnail loaded; a click
+    searches by that result; a wrong token shows the server's reason."""
+    driver = headless_chromium()
+    try:
+        driver.get(f"{server.url}/")
+        driver.find_element("id", "token").send_keys(TOKEN)
+        copy = query_files[0]  # test image 3, resized and re-encoded
+        driver.find_element("id", "file").send_keys(str(copy))
+        assert "neighbours of" in wait_for_search(driver, copy.name)
+        shown = rendered(driver)
+        assert len(shown) == 12 and shown[0][0] == f"{QUERIES[0]:06d}", shown
+        assert all(width > 0 for _, width in shown), shown
+        assert "label" in driver.find_element("css selector", "#neighbours li figcaption").text
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "search-page.png"))
+
+        second = shown[1][0]
+        driver.find_element("css selector", f"#neighbours li[data-rank='2']").click()
+        assert second in wait_for_search(driver, second)
+        after = rendered(driver)
+        assert len(after) == 12 and second not in [key for key, _ in after] and all(w > 0 for _, w in after)
+        assert driver.execute_script("return document.getElementById('query-image').naturalWidth") > 0
+
+        token = driver.find_element("id", "token")
+        token.clear()
+        token.send_keys("wrong")
+        driver.find_element("id", "file").send_keys(str(copy))
+        assert "401" in wait_for_search(driver, copy.name) and "token" in driver.find_element("id", "status").text
     finally:
-        assert server.stop() == 0, log_tail(server)
+        driver.quit()
 
 
 def test_search_without_an_index_answers_404():

@@ -12,8 +12,9 @@ import pytest
 from serving.openapi import openapi_document
 from serving.settings import Settings
 
-OUR_OPERATIONS = [("/embed", "post"), ("/embed_base64", "post"), ("/search", "post"), ("/model", "get")]
-GUARDED = [("/embed", "post"), ("/embed_base64", "post"), ("/search", "post")]
+OUR_OPERATIONS = [("/embed", "post"), ("/embed_base64", "post"), ("/search", "post"), ("/model", "get"),
+                  ("/thumbnail/{key}", "get")]
+GUARDED = [("/embed", "post"), ("/embed_base64", "post"), ("/search", "post"), ("/thumbnail/{key}", "get")]
 
 
 def bentoml_spec() -> dict:
@@ -70,7 +71,11 @@ def test_every_status_a_route_answers_is_documented(settings):
     assert [p["name"] for p in embed["parameters"]] == ["normalize", "encoding", "dtype"]
     assert [p["name"] for p in b64["parameters"]] == ["encoding", "dtype"]
     assert "406" in embed["responses"] and "406" in b64["responses"] and "406" not in search["responses"]
-    assert [p["name"] for p in search["parameters"]] == ["k"]
+    thumbnail = paths["/thumbnail/{key}"]["get"]
+    assert {"200", "404", "422"} <= set(thumbnail["responses"])
+    assert "image/jpeg" in thumbnail["responses"]["200"]["content"]
+    assert [p["name"] for p in thumbnail["parameters"]] == ["key", "size"]
+    assert [p["name"] for p in search["parameters"]] == ["k", "key"]
     assert paths["/embed"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["required"] == ["images"]
     assert set(paths["/readyz"]["get"]["responses"]) == {"200", "503"}
     assert "text/plain" in paths["/metrics"]["get"]["responses"]["200"]["content"]

@@ -237,6 +237,9 @@ def test_token_guards_embedding_routes_but_not_probes_or_metrics(server):
             assert b64.status_code == 401
         for path in ("/readyz", "/livez", "/metrics", "/model"):
             assert anonymous.get(path).status_code == 200, path
+        page = anonymous.get("/")  # this server has no index: the page says how to add one
+        assert page.status_code == 200 and "no search index" in page.text and "barlow index" in page.text
+        assert anonymous.get("/thumbnail/x").status_code == 401
         authorized = anonymous.post("/embed", files=[("images", GOOD)], headers={"Authorization": f"Bearer {TOKEN}"})
         assert authorized.status_code == 200
 

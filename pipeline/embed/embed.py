@@ -50,8 +50,8 @@ from pipeline.data.shards import unique_key
 from pipeline.data.stream import (IMAGE_EXTENSIONS, CorruptCounter, CorruptSample, expand_urls, image_member,
                                   iter_samples, label_of, read_index, split_by_worker)
 from pipeline.devices import RUNTIME_DEVICES
-from pipeline.embed.parts import (Parts, check_one_model, find_parts, new_meta, part_name, read_meta, read_table,
-                                  stored_keys, write_part)
+from pipeline.embed.parts import (TAR_SUFFIXES, Parts, check_one_model, find_parts, new_meta, part_name, read_meta,
+                                  read_table, stored_keys, write_part)
 from pipeline.errors import UserError
 from pipeline.files import remove_stale_temps
 
@@ -260,11 +260,19 @@ def shard_stem(url: str) -> str:
     """`dir/shard-000001.tar` and `pipe:aws s3 cp s3://b/shard-000001.tar -` -> `shard-000001`."""
     words = [w for w in url.removeprefix("pipe:").split() if ".tar" in w] or [url]
     name = storage.name_of(words[-1])
-    for suffix in (".tar.gz", ".tgz", ".tar"):
+    for suffix in TAR_SUFFIXES:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
             break
     return safe_name(name)
+
+
+def shard_home(url: str) -> str:
+    """A tar unit's one shard as its rows record it (the member is the row's key): where a thumbnail reads the
+    image later, from another working directory, so a local shard's path is made absolute."""
+    if storage.is_url(url) or url.startswith("pipe:"):
+        return url
+    return str(storage.local_path(url).resolve())
 
 
 def _unit(stem: str, tar: bool, read: list[Source], model_sha: str, carry=None, kept=None, replaces=()) -> Unit:
@@ -713,19 +721,21 @@ def _finish_part(out: str, unit: Unit, part: _OpenPart, model: dict[str, Any], n
         order = sorted(range(len(keys)), key=lambda i: position[sources[i]])
         keys, sources, labels = [keys[i] for i in order], [sources[i] for i in order], [labels[i] for i in order]
         embeddings = [embeddings[0][order]]
+    shards = [shard_home(unit.sources[0].url) if unit.tar and unit.sources else None] * len(keys)
     if unit.carry is not None:
         old = read_meta(unit.carry) or {}
         table, vectors = read_table(unit.carry)
         keep = np.array([s not in unit.drop for s in table.column("source").to_pylist()], dtype=bool)
         kept = table.filter(keep).to_pydict()
         keys, sources, labels = kept["key"] + keys, kept["source"] + sources, kept["label"] + labels
+        shards = kept["shard"] + shards
         embeddings.insert(0, vectors[keep])
         failures = [f for f in old.get("failures", []) if f.get("source") not in unit.drop] + failures
     vectors = np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float32)
     failed_vanished = {f["source"] for f in part.failures if f.get("reason") == "vanished during the run"}
     covers = {u: i for u, i in unit.covers if u not in failed_vanished}
     meta = new_meta(model, normalize, unit.stem, covers, len(keys), failures, list(unit.replaces))
-    write_part(storage.join(out, unit.name), keys, sources, labels, vectors, meta)
+    write_part(storage.join(out, unit.name), keys, sources, labels, vectors, meta, shards)
 
 
 # ---------------------------------------------------------------- CLI

@@ -9,7 +9,7 @@ rank embeddings poorly; the re-ranking recovers most of flat's recall at about a
 memory (bench/embed_throughput.py measures both).
 
 INDEX_DIR, a local folder or a bucket URL, holds `index.json` and generation folders `gen-<time>-<id>/`
-of `index.faiss` and `keys.parquet` (row -> key, source, label, part). index.json names the current
+of `index.faiss` and `keys.parquet` (row -> key, source, label, shard, part). index.json names the current
 generation and records the model, dim, metric, kind, count, the EMB_DIR parts indexed
 (`parts: {name: count}`) and, for ivf-pq, what it was trained on (`trained_count`, `train_residual`).
 A generation is never changed once written: a run that changes the index writes a whole new one
@@ -82,7 +82,7 @@ def live_parts(emb_dir: str) -> tuple[list[Part], dict[str, Any]]:
 
 
 def read_vectors(part: Part, dim: int):
-    """(table of key/source/label/part, float32 [N, D] unit vectors) of one part."""
+    """(table of key/source/label/shard/part, float32 [N, D] unit vectors) of one part."""
     import pyarrow as pa
 
     table, vectors = read_table(part.location)
@@ -376,7 +376,8 @@ def build_index(emb_dir: str | Path, out: str | Path, kind: str | None = None, m
             "created": previous["created"] if done["action"] == "update" else now, "updated": now,
             "build_s": round(time.perf_counter() - start, 3), "last_run": done,
         }
-        save(index, pa.concat_tables(tables), info["generation"], work)
+        # promote: a generation written before the shard column gets nulls there
+        save(index, pa.concat_tables(tables, promote_options="default"), info["generation"], work)
         publish(work, out, info)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,9 +1,14 @@
 """EMB_DIR's record: immutable parquet parts, each naming the sources it embedded.
 
-A part holds rows (key, source, label, embedding) and, in its parquet footer, what it covers:
+A part holds rows (key, source, label, shard, embedding) and, in its parquet footer, what it covers:
 `sources` maps every input it read (an image object, a file or a whole tar shard) to that input's
 identity when read (ETag, generation or size + mtime), failures included. Nothing is ever decided by
 file name: a re-run compares the identities it lists now with the ones the parts recorded.
+
+`shard` is where a row's image bytes live when they came from a tar shard: that shard's URL (the member
+is the row's key); null for an image object or file, which `source` names. `source` alone cannot say
+it: `barlow shards` records each image's original path there. Parts written before this column
+existed read as null.
 
 Parts are never edited. Re-embedding changed sources, or pruning vanished ones, writes a new part
 whose `replaces` names the parts it supersedes (transitively), then deletes them. A reader takes the
@@ -31,6 +36,7 @@ logger = logging.getLogger(__name__)
 EMBEDDINGS_FORMAT = "barlow-embed/embeddings/2"
 META_KEY = b"barlow"  # parquet footer key holding a part's JSON metadata
 PART_GLOB = "part-*.parquet"
+TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
 
 @dataclass
@@ -74,7 +80,7 @@ def part_schema(dim: int, meta: dict[str, Any] | None = None):
     import pyarrow as pa
 
     schema = pa.schema([("key", pa.string()), ("source", pa.string()), ("label", pa.int32()),
-                        ("embedding", pa.list_(pa.float32(), dim))])
+                        ("shard", pa.string()), ("embedding", pa.list_(pa.float32(), dim))])
     return schema.with_metadata({META_KEY: json.dumps(meta).encode()}) if meta is not None else schema
 
 
@@ -86,8 +92,9 @@ def new_meta(model: dict[str, Any], normalized: bool, unit: str, sources: dict[s
 
 
 def write_part(location: str, keys: list[str], sources: list[str], labels: list[int | None], embeddings: np.ndarray,
-               meta: dict[str, Any]) -> None:
-    """One part, published whole (a local rename, or one upload to a bucket)."""
+               meta: dict[str, Any], shards: list[str | None] | None = None) -> None:
+    """One part, published whole (a local rename, or one upload to a bucket); `shards` None: no row is from a
+    tar shard."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -96,7 +103,7 @@ def write_part(location: str, keys: list[str], sources: list[str], labels: list[
     flat = pa.array(embeddings.reshape(-1), type=pa.float32())
     table = pa.Table.from_arrays(
         [pa.array(keys, pa.string()), pa.array(sources, pa.string()), pa.array(labels, pa.int32()),
-         pa.FixedSizeListArray.from_arrays(flat, dim)], schema=part_schema(dim, meta))
+         pa.array(shards or [None] * len(keys), pa.string()), pa.FixedSizeListArray.from_arrays(flat, dim)], schema=part_schema(dim, meta))
     # open() on the temp path: a Python-level write, so fault tests can refuse it
     with storage.output(location) as temp, open(temp, "wb") as file:
         pq.write_table(table, file)
@@ -116,8 +123,11 @@ def read_meta(location: str) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) and meta.get("format") == EMBEDDINGS_FORMAT else None
 
 
+ROW_COLUMNS = ("key", "source", "label", "shard")
+
+
 def read_table(location: str):
-    """(table of key/source/label, float32 [N, D] embeddings as stored) of one part."""
+    """(table of key/source/label/shard, float32 [N, D] embeddings as stored) of one part."""
     import pyarrow.parquet as pq
 
     fs, path = storage.filesystem(location)
@@ -126,7 +136,16 @@ def read_table(location: str):
     column = table.column("embedding").combine_chunks()
     dim = column.type.list_size
     vectors = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
-    return table.select(["key", "source", "label"]), vectors
+    return with_row_columns(table), vectors
+
+
+def with_row_columns(table):
+    """ROW_COLUMNS of a part's or an index's rows, `shard` null where an older file has none."""
+    import pyarrow as pa
+
+    if "shard" not in table.column_names:
+        table = table.append_column("shard", pa.nulls(len(table), pa.string()))
+    return table.select(list(ROW_COLUMNS))
 
 
 def stored_keys(parts: Parts) -> dict[str, str]:

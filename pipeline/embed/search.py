@@ -24,6 +24,7 @@ import numpy as np
 from pipeline import storage
 from pipeline.data.preprocess import DEFAULT_MAX_PIXELS
 from pipeline.devices import RUNTIME_DEVICES
+from pipeline.embed.parts import ROW_COLUMNS, TAR_SUFFIXES, with_row_columns
 from pipeline.errors import UserError
 from pipeline.runtime import l2_normalize
 
@@ -43,8 +44,9 @@ class SearchIndex:
     def __init__(self, index_dir: str | Path):
         self.dir = index_dir
         self.info = read_info(index_dir)
-        self.index, self.rows = load_generation(fetch_generation(index_dir, self.info), self.info, index_dir,
-                                                columns=["key", "source", "label"])
+        self.index, rows = load_generation(fetch_generation(index_dir, self.info), self.info, index_dir,
+                                           columns=list(ROW_COLUMNS))
+        self.rows = with_row_columns(rows)
         apply_search_params(self.index, self.info)
         self.model = self.info["model"]
         self.dim = int(self.info["dim"])
@@ -89,6 +91,17 @@ class SearchIndex:
         vector = self.reconstruct(rows[0])
         found = self.search(vector[None], k + len(rows))[0]
         return [hit for hit in found if hit["key"] != key][:k]
+
+    def image_location(self, key: str) -> tuple[str, str | None] | None:
+        """Where an indexed key's image bytes live: (tar shard URL, member key) or (object URL or path, None);
+        None for a key not in the index. An index from before the shard column names a shard as the source."""
+        rows = self.rows_of_key(key)
+        if not rows:
+            return None
+        shard, source = self.rows["shard"][rows[0]].as_py(), self.rows["source"][rows[0]].as_py()
+        if shard is None and source.endswith(TAR_SUFFIXES):
+            shard = source
+        return (shard, key) if shard is not None else (source, None)
 
     def reconstruct(self, row: int) -> np.ndarray:
         import faiss
@@ -149,7 +162,8 @@ def load_generation(folder: Path, info: dict[str, Any], name: str | Path, column
                         "rebuild it with barlow index")
     try:
         index = faiss.read_index(str(paths[0]))
-        rows = pq.read_table(paths[1], columns=columns)
+        present = set(pq.read_schema(paths[1]).names)  # older generations lack later columns (shard)
+        rows = pq.read_table(paths[1], columns=[c for c in columns if c in present] if columns else None)
     except Exception as exc:  # faiss raises RuntimeError, pyarrow ArrowInvalid on damaged files
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise UserError(f"{name} is unreadable ({reason}); rebuild it with barlow index") from None
