@@ -4,7 +4,9 @@ Closed loops that retry at once (no Retry-After back-off: the worst case), with 
 request heads built once, written to keep-alive connections on uvloop, spread over client processes.
 The clients run on the same cores as the server, so their own CPU per request is kept small: encoding
 a form per request, httpx's pool (O(connections) CPU per request) and even aiohttp's per-request
-machinery took CPU from the server under test on a 2-core machine.
+machinery took CPU from the server under test on a 2-core machine. So the loops do not use
+serving/client.py's `Client` (httpx, one request at a time); the bodies are its `multipart`, the same
+bytes a `Client` sends.
 """
 
 from __future__ import annotations
@@ -14,22 +16,18 @@ import multiprocessing
 import time
 from urllib.parse import urlsplit
 
+from serving.client import multipart
+
 BOUNDARY = "barlowloadboundary"
 CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
 JSON = "application/json"
 TIMEOUT_S = 120
 
 
-def multipart(blobs: list[bytes]) -> bytes:
-    """One /embed body with an `images` part per blob."""
-    parts = [f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="images"; filename="{i}.jpg"\r\n'
-             f"Content-Type: image/jpeg\r\n\r\n".encode() + blob + b"\r\n" for i, blob in enumerate(blobs)]
-    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
-
-
 def bodies(blobs: list[bytes], images: int) -> list[bytes]:
-    """One body per blob, each with `images` consecutive blobs (wrapping round)."""
-    return [multipart([blobs[(n + i) % len(blobs)] for i in range(images)]) for n in range(len(blobs))]
+    """One /embed body (`images` parts, BOUNDARY) per blob, each with `images` consecutive JPEGs (wrapping round)."""
+    return [multipart([(f"{i}.jpg", blobs[(n + i) % len(blobs)]) for i in range(images)], BOUNDARY, "image/jpeg")[0]
+            for n in range(len(blobs))]
 
 
 class Connections:

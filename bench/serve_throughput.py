@@ -45,6 +45,7 @@ from pipeline.devices import gpu_available  # noqa: E402
 from pipeline.runtime import OnnxModel, resolve_model_dir  # noqa: E402
 from pipeline.runtime import usable_cpus  # noqa: E402
 from pipeline.serve import start_server  # noqa: E402
+from serving.client import Client  # noqa: E402
 from serving.responses import NPY, json_floats, npy  # noqa: E402
 from serving.settings import Settings, settings_from_env  # noqa: E402
 
@@ -132,9 +133,8 @@ def serialisation_ms(rows: int = 64, dim: int = 2048, repeats: int = 20) -> dict
 
 def server_runtime(url: str) -> dict:
     """The encoder's provider, device and precision as the server reports them (GET /model)."""
-    import httpx
-
-    return httpx.get(f"{url}/model", timeout=30).raise_for_status().json()["runtime"]
+    with Client(url, timeout=30) as client:
+        return client.model()["runtime"]
 
 
 def served_throughput(url: str, blobs: list[bytes], clients: int, processes: int, warmup: float,

@@ -143,6 +143,8 @@ def paths(settings: Settings) -> dict[str, Any]:
 SCHEMAS = {
     "Error": {"type": "object", "required": ["error"], "properties": {
         "error": {"type": "string", "description": "one sentence"},
+        "reason": {"type": "string", "description": "a short code (e.g. too_many_images, unauthorized, "
+                   "in_flight_limit), the label of barlow_rejected_inputs_total / barlow_shed_requests_total"},
         "index": {"type": "integer", "nullable": True, "description": "the image at fault, when one is"}}},
     "Embeddings": {"type": "object", "required": ["model", "dim", "embeddings"], "additionalProperties": False,
                    "properties": {"model": {"type": "string"}, "dim": {"type": "integer"},

@@ -14,7 +14,9 @@ from functools import cache
 from pathlib import Path
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, Response
+
+from serving.requests import RequestError
 
 PAGE_DIR = Path(__file__).with_name("static")
 ASSETS = {"page.js": "text/javascript", "page.css": "text/css"}  # the only files /page/ serves
@@ -48,5 +50,5 @@ async def page(request: Request) -> HTMLResponse:
 async def asset(request: Request) -> Response:
     name = request.path_params["name"]
     if name not in ASSETS:  # a fixed set: no path from the request reaches the file system
-        return JSONResponse({"error": f"no page asset {name[:80]!r}", "index": None}, 404)
+        return RequestError(404, "not_found", f"no page asset {name[:80]!r}").response()
     return Response(page_text(name), media_type=ASSETS[name], headers=SECURITY_HEADERS)

@@ -2,9 +2,9 @@
 
 Everything a client controls is checked here, in the request handler, before the batched encoder
 sees anything: a bad image fails only its own request, never the adaptive batch it would have
-joined. Errors are `{"error": "<one sentence>", "index": <image index or null>}` with 400 (bytes
-that are not a valid image, bad base64, malformed body), 401 (token), 413 (too many images or
-pixels, body too large), 415 (content type) or 422 (well-formed but wrong fields or values);
+joined. Errors are `{"error": "<one sentence>", "reason": "<short code>", "index": <image index or
+null>}` with 400 (bytes that are not a valid image, bad base64, malformed body), 401 (token), 413 (too
+many images or pixels, body too large), 415 (content type) or 422 (well-formed but wrong fields or values);
 serving/limits.py adds 408 (body too slow) and 503 with Retry-After (overload, encoder restarting).
 """
 
@@ -40,7 +40,8 @@ class RequestError(Exception):
         self.headers = {"WWW-Authenticate": "Bearer"} if status == 401 else dict(headers or {})
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": self.message, "index": self.index}, self.status, headers=self.headers)
+        return JSONResponse({"error": self.message, "reason": self.reason, "index": self.index}, self.status,
+                            headers=self.headers)
 
 
 @dataclass

@@ -105,7 +105,7 @@ def assert_correct(response: httpx.Response, wanted: np.ndarray, i: int) -> None
 
 def assert_json_503(response: httpx.Response) -> None:
     body = response.json()
-    assert set(body) == {"error", "index"} and body["index"] is None and "retry" in body["error"]
+    assert set(body) == {"error", "reason", "index"} and body["index"] is None and "retry" in body["error"]
     assert int(response.headers["retry-after"]) >= 1
 
 

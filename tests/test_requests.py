@@ -74,7 +74,7 @@ def test_check_token_refuses_missing_wrong_scheme_and_wrong_token(authorization)
     assert error.headers == {"WWW-Authenticate": "Bearer"}
     response = error.response()
     assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
-    assert set(json.loads(response.body)) == {"error", "index"} and json.loads(response.body)["index"] is None
+    assert set(json.loads(response.body)) == {"error", "reason", "index"} and json.loads(response.body)["index"] is None
 
 
 @pytest.mark.parametrize("authorization", ["Bearer s3cret", "bearer s3cret", "BEARER s3cret", "Bearer s3cret "])

@@ -49,7 +49,7 @@ def test_nothing_acceptable_is_406_with_a_json_reason(accept, hint):
     assert error.status == 406 and error.reason == "not_acceptable"
     assert JSON in error.message and NPY in error.message and hint in error.message
     body = json.loads(error.response().body)
-    assert body == {"error": error.message, "index": None}
+    assert body == {"error": error.message, "reason": error.reason, "index": None}
 
 
 @pytest.mark.parametrize("accept, query, status, words", [

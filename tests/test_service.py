@@ -207,7 +207,7 @@ def test_bad_input_gets_a_4xx_json_reason_and_the_server_stays_ready(client, rou
     response = client.post(route, **kwargs)
     assert response.status_code == status, response.text
     body = response.json()
-    assert set(body) == {"error", "index"} and body["index"] == index
+    assert set(body) == {"error", "reason", "index"} and body["index"] == index
     assert isinstance(body["error"], str) and 10 < len(body["error"]) < 300 and "\n" not in body["error"]
     assert client.get("/readyz").status_code == 200
     assert embed(client, [GOOD]).status_code == 200
@@ -312,7 +312,7 @@ def test_npy_and_base64_responses_carry_the_json_numbers(client):
                                    ({"Accept": "application/x-npy"}, "?encoding=base64", 422)):
         refused = client.post(f"/embed{query}", files=files, headers=headers)
         assert refused.status_code == status, refused.text
-        assert set(refused.json()) == {"error", "index"} and refused.headers["content-type"] == "application/json"
+        assert set(refused.json()) == {"error", "reason", "index"} and refused.headers["content-type"] == "application/json"
 
 
 @pytest.mark.gpu
