@@ -458,19 +458,31 @@ def test_compiled_view_ops_equal_the_eager_ones_for_fixed_parameters(jpeg_shards
         assert counts_a == counts_b and (a1 - b1).abs().max() <= 1e-4 and (a2 - b2).abs().max() <= 1e-4
 
 
-def test_view_ops_choice():
+def test_view_ops_choice(monkeypatch, caplog):
+    import shutil
+
     from pipeline.config import Config
     from pipeline.train.loop import compile_view_ops
 
+    cuda = torch.device("cuda")
     config = Config()
-    assert not compile_view_ops(config, CPU) and compile_view_ops(config, torch.device("cuda"))
+    assert shutil.which("cc") or shutil.which("gcc"), "this machine builds compiled kernels"
+    assert not compile_view_ops(config, CPU) and compile_view_ops(config, cuda)
     config.train.view_ops = "compiled"
     assert compile_view_ops(config, CPU)
     config.train.view_ops = "eager"
-    assert not compile_view_ops(config, torch.device("cuda"))
+    assert not compile_view_ops(config, cuda)
     config.train.view_ops = "fused"
     with pytest.raises(UserError, match="train.view_ops must be auto, compiled or eager"):
         compile_view_ops(config, CPU)
+    # no C compiler (as in the PyTorch runtime images): auto falls back to eager and says so, compiled refuses
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    config.train.view_ops = "auto"
+    assert not compile_view_ops(config, cuda) and "no C compiler" in caplog.text
+    config.train.view_ops = "compiled"
+    with pytest.raises(UserError, match="train.view_ops=compiled needs a C compiler"):
+        compile_view_ops(config, cuda)
 
 
 # ---------------------------------------------------------------- training through the gpu data path
