@@ -129,14 +129,16 @@ def per_image_crop(image: torch.Tensor, box: list[float], size: int) -> torch.Te
     return roi_align(padded, torch.tensor([[0.0, *box]]), output_size=size, sampling_ratio=-1, aligned=True)[0] / 255
 
 
-def test_one_roi_align_for_the_batch_equals_a_crop_per_image():
+def test_one_roi_align_for_the_batch_equals_a_crop_per_image(monkeypatch):
     # noise, not smooth images: a sample that read a neighbour on the canvas would show
     generator = torch.Generator().manual_seed(4)
     shapes = [(36, 48), (20, 70), (64, 12), (36, 48), (7, 9), (50, 50)]
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator) for h, w in shapes]
     whole = torch.tensor([[0, 0, w, h] for h, w in shapes], dtype=torch.float32)  # every edge of every image
     drawn = G.sample_crop_boxes(torch.tensor(shapes, dtype=torch.float32), (0.08, 1.0), generator)
-    for size in (16, 40):  # down- and upscaling
+    for size, limit in ((16, G.CANVAS_VALUES), (40, G.CANVAS_VALUES), (16, 3 * 52 * 52)):  # down, up, 4 canvases
+        monkeypatch.setattr(G, "CANVAS_VALUES", limit)
+        assert len(G.canvas_groups(images)) == (1 if limit > 3 * 52 * 52 else 4)
         crops = G.resized_crops(images, [whole, drawn], size)
         assert [c.shape for c in crops] == [(len(shapes), 3, size, size)] * 2
         for view, boxes in enumerate((whole, drawn)):

@@ -55,6 +55,9 @@ CROP_TRIES = 10  # RandomResizedCrop's tries before the centre-crop fallback
 SOLARIZE_THRESHOLD = 128 / 255  # views.py solarizes uint8 at 128
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # ColorJitter's ops, in the order of ViewConfig.jitter
 DONE = object()  # GpuBatches' producer: no more batches
+# Values of one crop canvas (float32: 1 GiB). A batch of ImageNet photos (256 x ~110k pixels x 3) fits in one;
+# the cap bounds memory for camera-sized images and keeps offsets far from roi_align's 32-bit index range.
+CANVAS_VALUES = 2**28
 
 
 # ---------------------------------------------------------------- decoding
@@ -296,21 +299,41 @@ def pack(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return canvas.unsqueeze(0), _to_device(torch.tensor(origins, dtype=torch.float32), device)
 
 
+def canvas_groups(images: list[torch.Tensor]) -> list[slice]:
+    """Consecutive groups of images whose cells hold at most CANVAS_VALUES values together (an image above it
+    alone): one group for a batch of ordinary photos, several for a batch of camera-sized ones."""
+    limit, groups, start, total = CANVAS_VALUES, [], 0, 0
+    for i, image in enumerate(images):
+        values = image.shape[0] * (image.shape[-2] + 2) * (image.shape[-1] + 2)
+        if total + values > limit and i > start:
+            groups.append(slice(start, i))
+            start, total = i, 0
+        total += values
+    return groups + [slice(start, len(images))]
+
+
 def resized_crops(images: list[torch.Tensor], boxes: list[torch.Tensor], size: int) -> list[torch.Tensor]:
     """Crop every image at each view's box and resize to `size` x `size`: uint8 CHW -> float [0, 1] NCHW.
 
     One roi_align for the whole batch and both views: the images are packed onto one canvas (`pack`) and each
     box is shifted by its image's offset. `aligned=True` puts pixel centres at half-integers as in
     torchvision's resize; the adaptive sampling grid averages ceil(box / size) bilinear samples per output
-    pixel along each side, which antialiases downscaling.
+    pixel along each side, which antialiases downscaling. Batches of very large images take one canvas per
+    `canvas_groups` group, so a canvas stays within CANVAS_VALUES.
     """
     from torchvision.ops import roi_align
 
-    canvas, offsets = pack(images)
-    shifted = torch.cat([b + offsets.repeat(1, 2) for b in boxes])  # [views * N, 4] on the canvas
-    rois = torch.cat([shifted.new_zeros(len(shifted), 1), shifted], dim=1)
-    crops = roi_align(canvas, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-    return list(crops.div_(255).chunk(len(boxes)))
+    groups = canvas_groups(images)
+    per_group = []
+    for group in groups:
+        canvas, offsets = pack(images[group])
+        shifted = torch.cat([b[group] + offsets.repeat(1, 2) for b in boxes])  # [views * n, 4] on the canvas
+        rois = torch.cat([shifted.new_zeros(len(shifted), 1), shifted], dim=1)
+        crops = roi_align(canvas, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        per_group.append(crops.div_(255).chunk(len(boxes)))
+    if len(groups) == 1:
+        return list(per_group[0])
+    return [torch.cat([crops[view] for crops in per_group]) for view in range(len(boxes))]
 
 
 def flip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -490,6 +513,8 @@ class GpuBatches:
         self.encoded = encoded
         self.views = views
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # the producer needs the index
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.seed, self.epoch, self.rank, self.start_step = seed, epoch, rank, start_step
         self.ahead = ahead  # finished batches waiting in the queue (one more is being built)
 
