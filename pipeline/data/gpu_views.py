@@ -482,7 +482,6 @@ class GpuTwoViews:
     def __init__(self, cfg: ViewConfig, dtype: torch.dtype = torch.float32, compile: bool = False):
         self.cfg = cfg
         self.dtype = dtype
-        self.compiled = compile
         self.make_view = torch.compile(make_view, dynamic=False) if compile else make_view
 
     def __call__(self, images: list[torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
