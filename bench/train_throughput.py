@@ -4,11 +4,18 @@
 on the device, gpu_views.py), in one run on one device.
 
 The ratios b/a and c/a say how much each data path starves the model, c/b what the GPU path gains.
-Also recorded: the fraction of the time spent waiting for the next batch, and the GPU memory peak.
+Also recorded: the fraction of the time the loop waits for the next batch (`data_wait_fraction`; the
+GPU path's target is <= 0.05, i.e. c/a >= 0.95), whether the GPU views' ops were compiled (`view_ops`,
+`--view-ops`, default as `train.view_ops`: compiled on CUDA), and the GPU memory peak.
+
+`--compile` also measures torch.compile of the training step (the backbone, as `train.compile`): (a) runs
+eager, then compiled, and the record's `compile` holds both steps/s, their ratio and the first compiled
+step's seconds (the compilation); (b) and (c) then run compiled, against the compiled (a).
 Writes bench/results/train_throughput-<device>-<date>.json.
 
     python bench/train_throughput.py                      # CPU: fmnist model at 32 px
     python bench/train_throughput.py --preset imagenet --batch 256 --image-size 224   # one GPU, bf16
+    python bench/train_throughput.py --preset imagenet --batch 256 --image-size 224 --steps 50 --compile
 """
 
 from __future__ import annotations
@@ -34,13 +41,8 @@ from pipeline.config import Config, apply  # noqa: E402
 from pipeline.train.model import BarlowTwins  # noqa: E402
 from pipeline.train.optim import build_optimizer, set_lr  # noqa: E402
 from pipeline.train.presets import PRESETS  # noqa: E402
-from pipeline.train.loop import training_step  # noqa: E402
+from pipeline.train.loop import compile_view_ops, training_step  # noqa: E402
 from pipeline.data.views import TwoViews  # noqa: E402
-
-
-
-
-
 
 
 def source_photos() -> list[np.ndarray]:
@@ -121,7 +123,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shards", help="existing JPEG shards (default: generate them in a temp dir)")
     parser.add_argument("--images", type=int, default=4096, help="JPEGs to generate (the streams resample them)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone and the GPU views' ops")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the training step with torch.compile (the backbone); (b) and (c) run compiled")
+    parser.add_argument("--view-ops", default="auto", choices=("auto", "compiled", "eager"),
+                        help="the GPU views' ops after the crop, as train.view_ops (auto: compiled on CUDA)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
 
@@ -141,8 +146,8 @@ def main() -> None:
     model = BarlowTwins(config.model).to(device, memory_format=memory_format)
     optimizer = build_optimizer(model, config.optim)
     set_lr(optimizer, 10, 100, 10, config.optim.final_lr_fraction)
-    if args.compile:
-        model.backbone.compile()
+    config.train.view_ops = args.view_ops
+    compile_views = compile_view_ops(config, device)
 
     def reset_peak() -> None:
         if on_cuda:
@@ -159,9 +164,27 @@ def main() -> None:
     total = args.warmup + args.steps
     synthetic = [torch.randn(args.batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
                  for _ in range(2)]
-    seconds, _ = time_steps(step, (synthetic for _ in range(total)), args.warmup, args.steps, device)
-    synthetic_pairs = args.batch * args.steps / seconds
+
+    def time_synthetic() -> float:
+        seconds, _ = time_steps(step, (synthetic for _ in range(total)), args.warmup, args.steps, device)
+        return args.batch * args.steps / seconds
+
+    synthetic_pairs = eager_pairs = time_synthetic()
     print(f"(a) synthetic tensors: {synthetic_pairs:.1f} pairs/s")
+    compiled = None
+    if args.compile:
+        model.backbone.compile()
+        start = time.perf_counter()
+        step(*synthetic)  # compiles the forward and backward
+        synchronize(device)
+        first_step = time.perf_counter() - start
+        synthetic_pairs = time_synthetic()
+        compiled = {"eager_steps_per_s": round(eager_pairs / args.batch, 3),
+                    "compiled_steps_per_s": round(synthetic_pairs / args.batch, 3),
+                    "compiled_over_eager": round(synthetic_pairs / eager_pairs, 3),
+                    "first_compiled_step_s": round(first_step, 1)}
+        print(f"(a) compiled: {synthetic_pairs:.1f} pairs/s ({compiled['compiled_over_eager']:.2f} of eager's "
+              f"speed; first step {first_step:.0f} s)")
     peak_memory = torch.cuda.max_memory_allocated(device) / 2**30 if on_cuda else None
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -184,7 +207,7 @@ def main() -> None:
         print(f"ratio b/a: {cpu_pairs / synthetic_pairs:.2f}")
 
         reset_peak()
-        views = gpu_views.GpuTwoViews(config.views, torch.bfloat16 if on_cuda else torch.float32, compile=args.compile)
+        views = gpu_views.GpuTwoViews(config.views, torch.bfloat16 if on_cuda else torch.float32, compile=compile_views)
         batches = gpu_views.GpuBatches(loader(None), views, device, seed=0, epoch=0, rank=0, start_step=0)
         seconds, waited = time_steps(step, batches, args.warmup, args.steps, device)
         gpu_pairs = args.batch * args.steps / seconds
@@ -201,7 +224,7 @@ def main() -> None:
         "model": config.model.arch, "small_stem": config.model.small_stem, "projector": config.model.projector,
         "image_size": size, "batch": args.batch, "precision": "bf16" if on_cuda else "fp32",
         "steps": args.steps, "workers": args.workers,
-        "synthetic": {"pairs_per_s": round(synthetic_pairs, 2)},
+        "synthetic": {"pairs_per_s": round(synthetic_pairs, 2), "steps_per_s": round(synthetic_pairs / args.batch, 3)},
         "cpu_views": {"pairs_per_s": round(cpu_pairs, 2), "data_wait_fraction": round(cpu_wait, 3)},
         "cpu_views_over_synthetic": round(cpu_pairs / synthetic_pairs, 3),
         "gpu_memory_peak_gib": round(peak_memory, 2) if peak_memory is not None else None,
@@ -209,7 +232,8 @@ def main() -> None:
                       "gpu_memory_peak_gib": gpu_peak},
         "gpu_views_over_synthetic": round(gpu_pairs / synthetic_pairs, 3),
         "gpu_views_over_cpu_views": round(gpu_pairs / cpu_pairs, 3),
-        "compile": args.compile,
+        "compile": compiled,  # None: eager only (no --compile); (a), (b), (c) ran compiled when set
+        "view_ops": "compiled" if compile_views else "eager",
         "photos": "scikit-image" if source_photos_are_real() else "synthetic scenes (scikit-image not installed)",
     }
     out = Path(args.out)

@@ -75,7 +75,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    compile: bool = False  # torch.compile the backbone (and, on the gpu data path, the views' ops)
+    compile: bool = False  # torch.compile the backbone (docs/method.md, "Training speed")
+    view_ops: str = "auto"  # gpu data path's ops after the crop: auto (compiled on CUDA with a C compiler) | compiled | eager
     data_path: str = "auto"  # auto (gpu on CUDA) | gpu (gpu_views.py on the device) | cpu (views.py in workers)
     log_every: int = 10  # steps between metrics.jsonl lines (and host syncs)
     diag_every: int = 100  # steps between RankMe / std diagnostics

@@ -22,8 +22,8 @@ def key_paths(record: object, prefix: str = "") -> set[str]:
 
 @pytest.mark.parametrize("script, args, committed", [
     ("train_throughput.py", ["--device", "cpu", "--preset", "tiny", "--steps", "2", "--warmup", "1", "--images", "64", "--workers", "1"],
-     "train_throughput-cpu-2core-2026-11-27.json"),
-    ("augment_ops.py", ["--batch", "4"], "augment_ops-cpu-1threads-2026-11-27.json"),
+     "train_throughput-cpu-2core-2026-12-01.json"),
+    ("augment_ops.py", ["--batch", "4"], "augment_ops-cpu-1threads-2026-12-01.json"),
     # a real server and bench/loadgen.py's clients, a second per round
     ("serve_throughput.py", ["--seconds", "1", "--rounds", "1", "--warmup", "0.5"],
      "serve-cpu-2core-resnet18-32px-2026-12-01.json"),

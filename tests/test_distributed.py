@@ -1,6 +1,8 @@
-"""GlobalBatchNorm and the global-batch loss: 2 gloo processes must match 1 process on the whole batch.
+"""GlobalBatchNorm, SyncBatchNorm and the global-batch loss: 2 processes must match 1 process on the whole batch.
 
-The 2-process test spawns real processes (torch.multiprocessing, gloo on 127.0.0.1) running DDP over a
+One BatchNorm layer over 2 gloo processes (GlobalBatchNorm on CPU; on CUDA also SyncBatchNorm, both
+processes on one GPU, which gloo allows and NCCL would refuse) must give the forward output, running
+statistics and gradients of plain BatchNorm on the concatenated batch. The model-level test spawns real processes (torch.multiprocessing, gloo on 127.0.0.1) running DDP over a
 small BarlowTwins, each with half of a fixed batch, and compares the averaged gradients with those of
 one process on the concatenated batch with plain BatchNorm. It also runs the official code's
 reduction (in-place, non-autograd all_reduce of c) and checks that it gets exactly half the gradient,
@@ -20,7 +22,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from pipeline.config import ModelConfig
-from pipeline.train.distributed import GlobalBatchNorm, all_reduce_sum, convert_batchnorm, rank, world_size
+from pipeline.train.distributed import (GlobalBatchNorm, all_reduce_sum, convert_batchnorm, rank,
+                                        uses_sync_batchnorm, world_size)
 from pipeline.train.loss import barlow_twins_loss, off_diagonal, on_diagonal, standardize
 from pipeline.train.model import BarlowTwins
 
@@ -52,7 +55,7 @@ def gradients(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.grad.detach().cpu().clone() for name, p in model.named_parameters()}
 
 
-def worker(process_rank: int, port: int, out: str, device: str) -> None:
+def worker(process_rank: int, port: int, out: str, device: str, sync: bool) -> None:
     torch.set_num_threads(1)
     torch.backends.cudnn.allow_tf32 = False  # compare fp32 with fp32
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=process_rank, world_size=2)
@@ -63,7 +66,7 @@ def worker(process_rank: int, port: int, out: str, device: str) -> None:
         results = {"world_size": world_size(), "rank": rank()}
         for name, loss_fn in [("autograd", lambda z1, z2: barlow_twins_loss(z1, z2, LAMBD)[0]),
                               ("official", official_loss)]:
-            replica = convert_batchnorm(copy.deepcopy(model)).to(device)
+            replica = convert_batchnorm(copy.deepcopy(model), sync=sync).to(device)
             ddp = nn.parallel.DistributedDataParallel(replica)
             loss = loss_fn(*ddp(view1, view2))
             with warnings.catch_warnings():
@@ -83,15 +86,69 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("device", [
-    pytest.param("cpu", marks=pytest.mark.slow),
-    # two processes on one GPU: gloo moves CUDA tensors through the host, NCCL would refuse
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                     reason="needs CUDA")]),
-])
-def test_two_processes_match_one_process_on_the_concatenated_batch(tmp_path, monkeypatch, device):
+ON_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+# (device, sync): GlobalBatchNorm on CPU; on CUDA both kinds, two processes on one GPU (gloo moves CUDA
+# tensors through the host, NCCL would refuse two ranks on one device)
+KINDS = [pytest.param("cuda", False, marks=ON_CUDA, id="cuda-global"),
+         pytest.param("cuda", True, marks=ON_CUDA, id="cuda-sync")]
+
+
+def layer_inputs() -> tuple[torch.Tensor, torch.Tensor, nn.BatchNorm2d]:
+    """A global batch, an upstream gradient for it and a BatchNorm2d with non-trivial affine parameters."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCH, 4, 3, 3, generator=generator) * 2 + 1
+    grad = torch.randn(BATCH, 4, 3, 3, generator=generator)
+    layer = nn.BatchNorm2d(4, momentum=0.3)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5, generator=generator)
+        layer.bias.uniform_(-0.2, 0.2, generator=generator)
+    return x, grad, layer
+
+
+def layer_worker(process_rank: int, port: int, out: str, device: str, sync: bool) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=process_rank, world_size=2)
+    try:
+        x, grad, layer = layer_inputs()
+        layer = convert_batchnorm(layer, sync=sync).to(device)
+        assert type(layer) is (nn.SyncBatchNorm if sync else GlobalBatchNorm)
+        half = slice(process_rank * BATCH // 2, (process_rank + 1) * BATCH // 2)
+        x = x[half].to(device).requires_grad_()
+        y = layer(x)
+        (y * grad[half].to(device)).sum().backward()  # summed over ranks: the loss of the whole batch
+        weight_grads = torch.stack([layer.weight.grad, layer.bias.grad])
+        dist.all_reduce(weight_grads)  # each rank holds its samples' share of these
+        outputs = [None, None]
+        dist.all_gather_object(outputs, (y.detach().cpu(), x.grad.cpu()))
+        if process_rank == 0:
+            torch.save({"y": torch.cat([o[0] for o in outputs]), "x_grad": torch.cat([o[1] for o in outputs]),
+                        "weight_grads": weight_grads.cpu(), "running_mean": layer.running_mean.cpu(),
+                        "running_var": layer.running_var.cpu()}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("device, sync", [pytest.param("cpu", False, marks=pytest.mark.slow)] + KINDS)  # ~15 s: spawns
+def test_global_batchnorm_layer_on_two_processes_is_batchnorm_on_the_whole_batch(tmp_path, device, sync):
     out = tmp_path / "rank0.pt"
-    mp.spawn(worker, args=(free_port(), str(out), device), nprocs=2, join=True)
+    mp.spawn(layer_worker, args=(free_port(), str(out), device, sync), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    x, grad, layer = layer_inputs()
+    x.requires_grad_()
+    y = layer(x)
+    (y * grad).sum().backward()
+    torch.testing.assert_close(got["y"], y.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["x_grad"], x.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got["weight_grads"], torch.stack([layer.weight.grad, layer.bias.grad]), rtol=1e-4,
+                               atol=1e-5)
+    torch.testing.assert_close(got["running_mean"], layer.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["running_var"], layer.running_var, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device, sync", [pytest.param("cpu", False, marks=pytest.mark.slow)] + KINDS)
+def test_two_processes_match_one_process_on_the_concatenated_batch(tmp_path, monkeypatch, device, sync):
+    out = tmp_path / "rank0.pt"
+    mp.spawn(worker, args=(free_port(), str(out), device, sync), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)
     assert (got["world_size"], got["rank"]) == (2, 0)
 
@@ -120,7 +177,7 @@ def test_two_processes_match_one_process_on_the_concatenated_batch(tmp_path, mon
 
 
 def test_helpers_without_distributed():
-    assert world_size() == 1 and rank() == 0
+    assert world_size() == 1 and rank() == 0 and not uses_sync_batchnorm()
     x = torch.randn(3, requires_grad=True)
     assert all_reduce_sum(x) is x
 
@@ -171,3 +228,19 @@ def test_convert_batchnorm_keeps_parameters_buffers_and_settings():
             torch.testing.assert_close(a, b)
     affine_free = convert_batchnorm(nn.BatchNorm1d(4, affine=False, track_running_stats=False))
     assert affine_free.weight is None and affine_free.running_mean is None
+
+
+def test_sync_and_global_batchnorm_checkpoints_are_interchangeable():
+    """SyncBatchNorm (NCCL) and GlobalBatchNorm (gloo) keep BatchNorm's state_dict: a run resumes across them."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 4), nn.BatchNorm1d(4))
+    plain.train()(torch.randn(6, 3, 1, 1))  # non-default running stats
+    synced = convert_batchnorm(copy.deepcopy(plain), sync=True)
+    assert [type(m) for m in synced if "BatchNorm" in type(m).__name__] == [nn.SyncBatchNorm] * 2
+    reference = plain.state_dict()
+    assert synced.state_dict().keys() == reference.keys()
+    assert all(torch.equal(v, reference[k]) for k, v in synced.state_dict().items())
+    globalised = convert_batchnorm(copy.deepcopy(plain))
+    globalised.load_state_dict(synced.state_dict())
+    x = torch.randn(5, 3, 1, 1)
+    torch.testing.assert_close(globalised.eval()(x), plain.eval()(x))

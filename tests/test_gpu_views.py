@@ -4,6 +4,7 @@ and ranges over many draws, per-step determinism, batched decoding, the raw-byte
 Tolerances (float32, images in [0, 1]):
 - brightness, contrast, saturation, hue, grayscale, blur, standardize: max abs diff 1e-5 (rounding only);
   flip and solarize: exact.
+- one roi_align over the packed batch vs one per image (the same boxes): 1e-4 (coordinate rounding).
 - crop + resize vs `resized_crop(..., BILINEAR, antialias=True)`: upscaling matches to 1e-5 except the
   outer 2 output pixels of a crop inside the image (roi_align reads the real neighbours past the box
   edge where torchvision clamps to the crop; max 0.06 there); downscaling averages roi_align's box of
@@ -117,6 +118,52 @@ def test_resized_crop_matches_torchvision_bilinear(box, size):
         assert diff.max() <= (EXACT if box == (0, 0, 48, 36) else 0.06)
     else:  # downscaling: roi_align averages a box of bilinear samples, torchvision a triangle filter
         assert diff.mean() <= 0.01 and diff.max() <= 0.05, (diff.mean(), diff.max())
+
+
+def per_image_crop(image: torch.Tensor, box: list[float], size: int) -> torch.Tensor:
+    """The reference: one roi_align on this image alone, its last row and column repeated."""
+    from torchvision.ops import roi_align
+
+    padded = torch.cat([image, image[..., -1:]], dim=-1)
+    padded = torch.cat([padded, padded[..., -1:, :]], dim=-2).unsqueeze(0).float()
+    return roi_align(padded, torch.tensor([[0.0, *box]]), output_size=size, sampling_ratio=-1, aligned=True)[0] / 255
+
+
+def test_one_roi_align_for_the_batch_equals_a_crop_per_image(monkeypatch):
+    # noise, not smooth images: a sample that read a neighbour on the canvas would show
+    generator = torch.Generator().manual_seed(4)
+    shapes = [(36, 48), (20, 70), (64, 12), (36, 48), (7, 9), (50, 50)]
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator) for h, w in shapes]
+    whole = torch.tensor([[0, 0, w, h] for h, w in shapes], dtype=torch.float32)  # every edge of every image
+    drawn = G.sample_crop_boxes(torch.tensor(shapes, dtype=torch.float32), (0.08, 1.0), generator)
+    for size, limit in ((16, G.CANVAS_VALUES), (40, G.CANVAS_VALUES), (16, 3 * 52 * 52)):  # down, up, 4 canvases
+        monkeypatch.setattr(G, "CANVAS_VALUES", limit)
+        assert len(G.canvas_groups(images)) == (1 if limit > 3 * 52 * 52 else 4)
+        crops = G.resized_crops(images, [whole, drawn], size)
+        assert [c.shape for c in crops] == [(len(shapes), 3, size, size)] * 2
+        for view, boxes in enumerate((whole, drawn)):
+            for i, image in enumerate(images):
+                expected = per_image_crop(image, boxes[i].tolist(), size)
+                # float32 sample coordinates shifted by the image's place on the canvas round differently:
+                # ~1e-5 of a pixel, times a neighbour difference of up to 1 (noise)
+                assert (crops[view][i] - expected).abs().max() <= 1e-4, (size, view, i)
+
+
+def test_canvas_cells_do_not_overlap_and_repeat_each_images_edge():
+    shapes = [(30, 40), (5, 100), (60, 8), (30, 40), (1, 1), (12, 13)] * 3
+    cells, height, width = G.shelf_offsets([(h + 2, w + 2) for h, w in shapes])
+    taken = torch.zeros(height, width, dtype=torch.int)
+    for (h, w), (x, y) in zip(shapes, cells):
+        taken[y : y + h + 2, x : x + w + 2] += 1
+    assert taken.max() == 1
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in shapes]
+    canvas, origins = G.pack(images)
+    assert origins.tolist() == [[x + 1.0, y + 1.0] for x, y in cells]
+    for image, (x, y) in zip(images, cells):
+        h, w = image.shape[-2:]
+        cell = canvas[0, :, y : y + h + 2, x : x + w + 2]
+        # the image with its edge pixels repeated once all round: replicate padding
+        assert torch.equal(cell, torch.nn.functional.pad(image.float()[None], (1, 1, 1, 1), mode="replicate")[0])
 
 
 def test_color_jitter_applies_each_samples_ops_in_its_own_order():
@@ -347,6 +394,31 @@ def test_gpu_batches_count_corrupt_samples_and_resume_identically(jpeg_shards):
     assert sum(b[2] for b in full) == sum(batch.seen for batch in raw) == 6 * 5 + in_workers
 
 
+def test_gpu_batches_build_one_batch_ahead_and_stop_cleanly_when_left_early(jpeg_shards):
+    import threading
+
+    raw = list(raw_loader(jpeg_shards))
+    built: list[int] = []
+
+    class Recording(G.GpuBatches):
+        def build(self, batch, step):
+            result = super().build(batch, step)
+            built.append(step)
+            return result
+
+    batches = iter(Recording(raw, G.GpuTwoViews(ViewConfig(image_size=16)), CPU, seed=3, epoch=0, rank=0,
+                             start_step=0))
+    next(batches)  # step 0 handed over; step 1 waits in the queue, step 2 is built and waits to be put
+    deadline = time.monotonic() + 30
+    while len(built) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    assert built == [0, 1, 2]  # ahead of the consumer, but no further than the queue allows
+    batches.close()  # the consumer leaves early
+    assert not any(t.name == "gpu-views" for t in threading.enumerate())
+    assert built == [0, 1, 2]
+
+
 def test_every_sample_of_a_batch_gets_its_own_views(tmp_path):
     urls = [write_tar(tmp_path / "same.tar", [{"__key__": f"{i:02d}", "jpg": jpeg_bytes(0, (40, 40))} for i in range(8)])]
     (view1, _, _, _), = G.GpuBatches(raw_loader(urls, steps=1, per_rank_batch=8, workers=0),
@@ -361,6 +433,58 @@ def test_all_undecodable_batch_stops_with_one_sentence(tmp_path):
                            CPU, seed=0, epoch=0, rank=0, start_step=0)
     with pytest.raises(UserError, match="none of the 4 images of step 0 could be decoded"):
         list(batches)
+
+
+@pytest.mark.slow  # inductor compiles both views' functions once on the CPU (~50 s on 2 cores)
+def test_compiled_view_ops_equal_the_eager_ones_for_fixed_parameters(jpeg_shards):
+    cfg = ViewConfig(image_size=24)
+    images = [(smooth_images(1, h, w, seed=h)[0] * 255).to(torch.uint8) for h, w in ((40, 56), (64, 48), (33, 33))] * 3
+    sizes = torch.tensor([image.shape[-2:] for image in images], dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    params = [G.draw_params(sizes, cfg, view, generator) for view in (0, 1)]
+    for p in params:  # every op on for some samples and off for others
+        p.jitter[:4], p.gray[:2], p.blur[::2], p.solarize[1::2] = True, True, True, True
+    crops = G.resized_crops(images, [p.boxes for p in params], 24)
+    compiled = torch.compile(G.make_view, dynamic=False)
+    for view in (0, 1):
+        eager = G.make_view(crops[view], params[view], cfg, view, torch.float32)
+        fused = compiled(crops[view], params[view], cfg, view, torch.float32)
+        assert fused.is_contiguous(memory_format=torch.channels_last)
+        assert (fused - eager).abs().max() <= 1e-4  # in standardized units (x / 0.225): rounding only
+    # the same through GpuBatches, whose producer thread runs (and here compiles) the views
+    def batches(compile: bool):
+        return G.GpuBatches(raw_loader(jpeg_shards, steps=2), G.GpuTwoViews(cfg, compile=compile), CPU, seed=3,
+                            epoch=0, rank=0, start_step=0)
+
+    for (a1, a2, *counts_a), (b1, b2, *counts_b) in zip(batches(False), batches(True), strict=True):
+        assert counts_a == counts_b and (a1 - b1).abs().max() <= 1e-4 and (a2 - b2).abs().max() <= 1e-4
+
+
+def test_view_ops_choice(monkeypatch, caplog):
+    import shutil
+
+    from pipeline.config import Config
+    from pipeline.train.loop import compile_view_ops
+
+    cuda = torch.device("cuda")
+    config = Config()
+    assert shutil.which("cc") or shutil.which("gcc"), "this machine builds compiled kernels"
+    assert not compile_view_ops(config, CPU) and compile_view_ops(config, cuda)
+    config.train.view_ops = "compiled"
+    assert compile_view_ops(config, CPU)
+    config.train.view_ops = "eager"
+    assert not compile_view_ops(config, cuda)
+    config.train.view_ops = "fused"
+    with pytest.raises(UserError, match="train.view_ops must be auto, compiled or eager"):
+        compile_view_ops(config, CPU)
+    # no C compiler (as in the PyTorch runtime images): auto falls back to eager and says so, compiled refuses
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    config.train.view_ops = "auto"
+    assert not compile_view_ops(config, cuda) and "no C compiler" in caplog.text
+    config.train.view_ops = "compiled"
+    with pytest.raises(UserError, match="train.view_ops=compiled needs a C compiler"):
+        compile_view_ops(config, cuda)
 
 
 # ---------------------------------------------------------------- training through the gpu data path
@@ -442,7 +566,7 @@ def test_cuda_decode_and_views_match_the_cpu_ones(compile):
     crops = G.resized_crops(on_cpu, [params.boxes], 32)[0]
     expected = G.augment(crops, params, cfg, 0)
     moved = G.ViewParams(**{name: value.to(cuda) for name, value in vars(params).items()})
-    augment = torch.compile(G.augment, dynamic=False) if compile else G.augment
+    augment = torch.compile(G.augment, dynamic=False) if compile else G.augment  # what make_view runs
     crops_gpu = G.resized_crops([image.to(cuda) for image in on_cpu], [moved.boxes], 32)[0]
     assert (crops_gpu.cpu() - crops).abs().max() < 1e-4
     assert (augment(crops_gpu, moved, cfg, 0).cpu() - expected).abs().max() < 1e-3
@@ -455,15 +579,16 @@ def test_cuda_decode_and_views_match_the_cpu_ones(compile):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_gpu_batches_overlap_safely_and_resume(jpeg_shards):
+def test_cuda_gpu_batches_overlap_safely_and_resume(jpeg_shards, compile):
     cuda = torch.device("cuda")
 
     def batches(start_step):
         return G.GpuBatches(raw_loader(jpeg_shards, start_step=start_step, pin_memory=True),
-                            G.GpuTwoViews(ViewConfig(image_size=16), torch.bfloat16), cuda, seed=3, epoch=0, rank=0,
-                            start_step=start_step)
+                            G.GpuTwoViews(ViewConfig(image_size=16), torch.bfloat16, compile=compile), cuda, seed=3,
+                            epoch=0, rank=0, start_step=start_step)
 
     full = [(a.float().cpu(), b.float().cpu(), *rest) for a, b, *rest in batches(0)]  # consumed on the main stream
     resumed = [(a.float().cpu(), b.float().cpu(), *rest) for a, b, *rest in batches(2)]

@@ -7,10 +7,15 @@ bytes (`stream.train_loader(transform=None)`), and the main process
 1. decodes the batch at once: `torchvision.io.decode_jpeg(list, device=...)` (nvJPEG on CUDA) for
    JPEGs, PIL on the CPU for other formats and for JPEGs nvJPEG refuses (CMYK, broken streams);
 2. builds both views with batched ops whose parameters are random PER SAMPLE: random resized crop
-   (boxes drawn exactly like `RandomResizedCrop`, resampled with `torchvision.ops.roi_align`), flip,
-   colour jitter (per-sample factors in a per-sample random order), grayscale, Gaussian blur with a
-   per-sample sigma (separable grouped convolution), solarize, standardize (per-channel mean and std);
+   (boxes drawn exactly like `RandomResizedCrop`, all images packed onto one canvas and resampled by ONE
+   `torchvision.ops.roi_align` call for the batch and both views), flip, colour jitter (per-sample factors
+   in a per-sample random order), grayscale, Gaussian blur with a per-sample sigma (separable grouped
+   convolution), solarize, standardize (per-channel mean and std); with `compile=True` (the default on
+   CUDA, `train.view_ops`) everything after the crop is one `torch.compile`d function;
 3. returns channels_last tensors, bf16 for bf16 runs (CUDA), fp32 otherwise.
+
+`GpuBatches` does all of this one batch ahead in a producer thread, on a side CUDA stream, while the
+training step runs (the stream rules are in its docstring).
 
 All random draws come from one `torch.Generator` on the device, seeded from (seed, epoch, rank, step),
 so a resumed run draws the same views (and the CPU tests see the same code path as a GPU run).
@@ -26,8 +31,11 @@ variable-sized decoded images would first need a pad or resize pass. `bench/augm
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import queue
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -46,6 +54,10 @@ RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
 CROP_TRIES = 10  # RandomResizedCrop's tries before the centre-crop fallback
 SOLARIZE_THRESHOLD = 128 / 255  # views.py solarizes uint8 at 128
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # ColorJitter's ops, in the order of ViewConfig.jitter
+DONE = object()  # GpuBatches' producer: no more batches
+# Values of one crop canvas (float32: 1 GiB). A batch of ImageNet photos (256 x ~110k pixels x 3) fits in one;
+# the cap bounds memory for camera-sized images and keeps offsets far from roi_align's 32-bit index range.
+CANVAS_VALUES = 2**28
 
 
 # ---------------------------------------------------------------- decoding
@@ -144,13 +156,19 @@ def step_generator(device: torch.device, *ident: object) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(derive_seed("gpu-views", *ident))
 
 
-def _constant(values: list[float], device: torch.device) -> torch.Tensor:
-    """A small float32 constant on `device` without a host sync: a copy from pageable memory would wait
-    for the stream, one from pinned memory does not."""
-    constant = torch.tensor(values, dtype=torch.float32)
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device` without a host sync: a copy from pageable memory would wait for the
+    stream, one from pinned memory does not."""
     if device.type == "cuda":
-        constant = constant.pin_memory()
-    return constant.to(device, non_blocking=True)
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+def _constant(values: list[float], device: torch.device) -> torch.Tensor:
+    """A small float32 constant on `device` (inside torch.compile a plain graph constant)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=torch.float32, device=device)
+    return _to_device(torch.tensor(values, dtype=torch.float32), device)
 
 
 def _uniform(low: float, high: float, shape: tuple[int, ...], generator: torch.Generator,
@@ -221,34 +239,101 @@ def _per_sample(values: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1, 1, 1, 1)
 
 
-def _replicate_last_row_and_column(image: torch.Tensor) -> torch.Tensor:
-    """[C, H, W] -> [C, H + 1, W + 1] with the last row and column repeated (two cats: F.pad's replicate
-    mode costs ~50x more per call on CPU, and this runs once per image)."""
-    image = torch.cat([image, image[..., -1:]], dim=-1)
-    return torch.cat([image, image[..., -1:, :]], dim=-2)
+def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """cat(arange(s, s + n) for s, n in zip(starts, lengths)) without a Python loop (CPU int64)."""
+    first = torch.cumsum(lengths, 0) - lengths
+    return torch.repeat_interleave(starts - first, lengths) + torch.arange(int(lengths.sum()))
+
+
+def shelf_offsets(sizes: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], int, int]:
+    """Where each (height, width) image goes on one canvas: ([(x, y)], canvas height, canvas width).
+
+    Shelf packing, tallest first: left to right on a shelf as wide as the widest image or the square root of the
+    total area, whichever is larger, then the next shelf below. For 256 photos of 330-420 x 440-560 px the
+    canvas is 8 % larger than the images, with one 4000 x 3000 px among them 21 %: an outlier costs about its
+    own pixels, not N times them as padding every image to the largest would.
+    """
+    width = max(max(w for _, w in sizes), math.ceil(math.sqrt(sum(h * w for h, w in sizes))))
+    offsets: list[tuple[int, int]] = [(0, 0)] * len(sizes)
+    x = y = shelf = 0
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i][0]):
+        h, w = sizes[i]
+        if x + w > width:
+            x, y, shelf = 0, y + shelf, 0
+        offsets[i] = (x, y)
+        x, shelf = x + w, max(shelf, h)
+    return offsets, y + shelf, width
+
+
+def _edge_copies(along_start: torch.Tensor, along_length: torch.Tensor, first: torch.Tensor, end: torch.Tensor):
+    """Indices that repeat each image's first and last line (column or row) one step outward:
+    (positions along the line, destination lines, source lines), CPU int64."""
+    def per_line(values: torch.Tensor) -> torch.Tensor:
+        return torch.repeat_interleave(values, along_length)
+
+    along = _ranges(along_start, along_length).repeat(2)
+    return along, torch.cat([per_line(first - 1), per_line(end)]), torch.cat([per_line(first), per_line(end - 1)])
+
+
+def pack(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 CHW images of any sizes -> (float canvas [1, C, H, W], [N, 2] image origins (x, y) on the device).
+
+    Each image sits in its own (h + 2) x (w + 2) cell whose border repeats the image's edge pixels: roi_align
+    then clamps at an image's edges as it does at a tensor's (and as `interpolate` does), and never reads a
+    neighbour (its bilinear samples stay within half a pixel of the box, so at most one pixel outside the
+    image). One copy kernel per image, two index kernels for all the borders; the canvas is zeroed, so no
+    uninitialised value can reach a sum.
+    """
+    device = images[0].device
+    sizes = [tuple(image.shape[-2:]) for image in images]
+    cells, height, width = shelf_offsets([(h + 2, w + 2) for h, w in sizes])
+    origins = [(x + 1, y + 1) for x, y in cells]
+    canvas = torch.zeros((images[0].shape[0], height, width), dtype=torch.float32, device=device)
+    for image, (h, w), (x, y) in zip(images, sizes, origins):
+        canvas[:, y : y + h, x : x + w] = image
+    (hs, ws), (xs, ys) = torch.tensor(sizes).T, torch.tensor(origins).T
+    rows, dst, src = (_to_device(t, device) for t in _edge_copies(ys, hs, xs, xs + ws))
+    canvas[:, rows, dst] = canvas[:, rows, src]  # left and right columns
+    cols, dst, src = (_to_device(t, device) for t in _edge_copies(xs - 1, ws + 2, ys, ys + hs))
+    canvas[:, dst, cols] = canvas[:, src, cols]  # then top and bottom rows, corners included
+    return canvas.unsqueeze(0), _to_device(torch.tensor(origins, dtype=torch.float32), device)
+
+
+def canvas_groups(images: list[torch.Tensor]) -> list[slice]:
+    """Consecutive groups of images whose cells hold at most CANVAS_VALUES values together (an image above it
+    alone): one group for a batch of ordinary photos, several for a batch of camera-sized ones."""
+    limit, groups, start, total = CANVAS_VALUES, [], 0, 0
+    for i, image in enumerate(images):
+        values = image.shape[0] * (image.shape[-2] + 2) * (image.shape[-1] + 2)
+        if total + values > limit and i > start:
+            groups.append(slice(start, i))
+            start, total = i, 0
+        total += values
+    return groups + [slice(start, len(images))]
 
 
 def resized_crops(images: list[torch.Tensor], boxes: list[torch.Tensor], size: int) -> list[torch.Tensor]:
     """Crop every image at each view's box and resize to `size` x `size`: uint8 CHW -> float [0, 1] NCHW.
 
-    One roi_align per image covers all views (its rois share the source). `aligned=True` puts pixel
-    centres at half-integers as in torchvision's resize; the adaptive sampling grid averages
-    ceil(box / size) bilinear samples per output pixel along each side, which antialiases downscaling.
-    A one-pixel replicated border makes samples past the last pixel centre clamp to the edge, as
-    `interpolate` does.
+    One roi_align for the whole batch and both views: the images are packed onto one canvas (`pack`) and each
+    box is shifted by its image's offset. `aligned=True` puts pixel centres at half-integers as in
+    torchvision's resize; the adaptive sampling grid averages ceil(box / size) bilinear samples per output
+    pixel along each side, which antialiases downscaling. Batches of very large images take one canvas per
+    `canvas_groups` group, so a canvas stays within CANVAS_VALUES.
     """
     from torchvision.ops import roi_align
 
-    views = len(boxes)
-    per_image = torch.stack(boxes, dim=1)  # [N, views, 4]
-    rois = torch.cat([per_image.new_zeros(per_image.shape[:2] + (1,)), per_image], dim=2)
-    crops = []
-    for image, image_rois in zip(images, rois):
-        padded = _replicate_last_row_and_column(image).unsqueeze(0).float()
-        crops.append(roi_align(padded, image_rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1,
-                               aligned=True))
-    stacked = torch.cat(crops).div_(255).unflatten(0, (len(images), views))
-    return [stacked[:, v] for v in range(views)]
+    groups = canvas_groups(images)
+    per_group = []
+    for group in groups:
+        canvas, offsets = pack(images[group])
+        shifted = torch.cat([b[group] + offsets.repeat(1, 2) for b in boxes])  # [views * n, 4] on the canvas
+        rois = torch.cat([shifted.new_zeros(len(shifted), 1), shifted], dim=1)
+        crops = roi_align(canvas, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        per_group.append(crops.div_(255).chunk(len(boxes)))
+    if len(groups) == 1:
+        return list(per_group[0])
+    return [torch.cat([crops[view] for crops in per_group]) for view in range(len(boxes))]
 
 
 def flip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -380,49 +465,57 @@ def augment(crops: torch.Tensor, params: ViewParams, cfg: ViewConfig, view: int)
 # ---------------------------------------------------------------- the two views of a batch
 
 
+def make_view(crops: torch.Tensor, params: ViewParams, cfg: ViewConfig, view: int, dtype: torch.dtype) -> torch.Tensor:
+    """`augment`, then the training input's dtype and channels_last layout (one fused pass when compiled)."""
+    return augment(crops, params, cfg, view).to(dtype).contiguous(memory_format=torch.channels_last)
+
+
 class GpuTwoViews:
     """Callable: (decoded uint8 RGB CHW images on one device, generator) -> (view1, view2), each
     [N, 3, S, S] channels_last in `dtype`.
 
     `compile=True` runs everything after the crop through `torch.compile`, which fuses the ~100
-    elementwise passes of jitter, grayscale, solarize and standardize into a few kernels (the batch
-    shape is fixed, so it compiles once per view).
+    elementwise passes of jitter, grayscale, solarize, standardize and the cast into a few kernels (the
+    batch shape is fixed, so it compiles once per view); blur's convolutions stay cuDNN's.
     """
 
     def __init__(self, cfg: ViewConfig, dtype: torch.dtype = torch.float32, compile: bool = False):
         self.cfg = cfg
         self.dtype = dtype
-        self.augment = torch.compile(augment, dynamic=False) if compile else augment
+        self.make_view = torch.compile(make_view, dynamic=False) if compile else make_view
 
     def __call__(self, images: list[torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         device = images[0].device
-        sizes = torch.tensor([image.shape[-2:] for image in images], dtype=torch.float32)
-        if device.type == "cuda":
-            sizes = sizes.pin_memory()
-        sizes = sizes.to(device, non_blocking=True)
+        sizes = _to_device(torch.tensor([image.shape[-2:] for image in images], dtype=torch.float32), device)
         params = [draw_params(sizes, self.cfg, view, generator) for view in (0, 1)]
         crops = resized_crops(images, [p.boxes for p in params], self.cfg.image_size)
-        view1, view2 = (self.augment(crops[v], params[v], self.cfg, v).to(self.dtype).contiguous(
-            memory_format=torch.channels_last) for v in (0, 1))
+        view1, view2 = (self.make_view(crops[v], params[v], self.cfg, v, self.dtype) for v in (0, 1))
         return view1, view2
 
 
 class GpuBatches:
     """Training batches like `stream.TrainLoader`'s, (view1, view2, n_seen, n_corrupt), built on `device`
-    from a raw-bytes loader (`stream.train_loader(transform=None)`).
+    from a raw-bytes loader (`stream.train_loader(transform=None)`), one batch ahead of the consumer.
 
-    Overlap on CUDA: the caller enqueues step k and then asks for batch k + 1; its decode (nvJPEG on its
-    own stream, the host waiting on it) and augmentation (on a side stream) run while step k is still
-    on the GPU. The main stream waits for the side stream only when batch k + 1 is handed over. The
-    DataLoader workers keep the next batches' bytes ready (pinned when `pin_memory`).
+    A producer thread reads batch k + 1, decodes it and builds its views while the caller runs step k; on
+    CUDA it does so on its own side stream. Stream rules (docs/method.md, "GPU views and CPU views"):
+    the producer records an event on the side stream after each batch, and the consumer's stream waits on
+    that event before the batch is handed over (`wait_event`, no host sync); the two views are then
+    `record_stream`ed on the consumer's stream, so the caching allocator does not give their memory back to
+    the side stream while the consumer's kernels may still read it. Everything else a batch allocates is
+    made and used on the side stream only. On the CPU the same thread runs without streams. The views of a
+    step depend only on its seed, never on which thread made them or when.
     """
 
     def __init__(self, encoded, views: GpuTwoViews, device: torch.device, *, seed: int, epoch: int, rank: int,
-                 start_step: int):
+                 start_step: int, ahead: int = 1):
         self.encoded = encoded
         self.views = views
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # the producer needs the index
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.seed, self.epoch, self.rank, self.start_step = seed, epoch, rank, start_step
+        self.ahead = ahead  # finished batches waiting in the queue (one more is being built)
 
     def __len__(self) -> int:
         return len(self.encoded)
@@ -441,17 +534,53 @@ class GpuBatches:
         view1, view2 = self.views(images, generator)
         return view1, view2, len(failed)
 
-    def __iter__(self):
-        on_cuda = self.device.type == "cuda"
-        side = torch.cuda.Stream(self.device) if on_cuda else None
-        for step, batch in enumerate(self.encoded, start=self.start_step):
-            if side is None:
-                view1, view2, failed = self.build(batch, step)
-            else:
-                with torch.cuda.stream(side):
+    def _produce(self, ready: queue.Queue, stop: threading.Event) -> None:
+        """The producer thread: every batch as (view1, view2, seen, corrupt, CUDA event or None), then DONE;
+        an exception is put in the queue for the consumer to raise."""
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        try:
+            side = None
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)  # per thread: nvJPEG and new streams use the current device
+                side = torch.cuda.Stream(self.device)
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                for step, batch in enumerate(self.encoded, start=self.start_step):
                     view1, view2, failed = self.build(batch, step)
-                main = torch.cuda.current_stream(self.device)
-                main.wait_stream(side)
-                view1.record_stream(main)  # made on the side stream, used on the main one
-                view2.record_stream(main)
-            yield view1, view2, batch.seen, batch.corrupt + failed
+                    event = None
+                    if side is not None:
+                        event = torch.cuda.Event()
+                        event.record(side)
+                    if not put((view1, view2, batch.seen, batch.corrupt + failed, event)):
+                        return
+            put(DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            put(exc)
+
+    def __iter__(self):
+        ready: queue.Queue = queue.Queue(maxsize=self.ahead)
+        stop = threading.Event()
+        producer = threading.Thread(target=self._produce, args=(ready, stop), name="gpu-views", daemon=True)
+        producer.start()
+        try:
+            while (item := ready.get()) is not DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                view1, view2, seen, corrupt, event = item
+                if event is not None:
+                    consumer = torch.cuda.current_stream(self.device)
+                    consumer.wait_event(event)
+                    view1.record_stream(consumer)
+                    view2.record_stream(consumer)
+                yield view1, view2, seen, corrupt
+        finally:
+            stop.set()  # a consumer that stops early: the producer ends after the batch it is building
+            producer.join()

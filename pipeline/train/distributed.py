@@ -1,10 +1,12 @@
-"""Training across processes: joining the group, rank helpers, an autograd-aware sum and GlobalBatchNorm.
+"""Training across processes: joining the group, rank helpers, an autograd-aware sum and the global BatchNorm.
 
 Barlow Twins standardises embeddings and normalises BatchNorm layers with statistics of the GLOBAL
-batch. torch's SyncBatchNorm raises on CPU tensors, so gloo/CPU DDP (the CI tests) could not use it;
-`GlobalBatchNorm` computes the same thing with an autograd-aware all_reduce, whose backward sums the
-incoming gradients over ranks: one device-agnostic module runs on CPU and CUDA, and its gradients
-are exactly those of one process on the concatenated batch.
+batch. On CUDA with NCCL the model's BatchNorms become torch's `SyncBatchNorm` (the official code's
+choice: fused CUDA kernels, one all_gather of [mean, invstd, count] per layer forward and one all_reduce
+backward). `SyncBatchNorm` raises on CPU tensors, so on gloo/CPU (the CI tests) they become
+`GlobalBatchNorm`, which computes the same thing with an autograd-aware all_reduce whose backward sums
+the incoming gradients over ranks: its gradients are exactly those of one process on the concatenated
+batch. `tests/test_distributed.py` checks both against plain BatchNorm on the concatenated batch.
 """
 
 from __future__ import annotations
@@ -162,8 +164,17 @@ class GlobalBatchNorm(_BatchNorm):
         self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
 
 
-def convert_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm1d/2d with GlobalBatchNorm sharing its parameters, buffers and settings."""
+def uses_sync_batchnorm() -> bool:
+    """SyncBatchNorm where it runs (a CUDA device in an NCCL group), GlobalBatchNorm elsewhere (gloo)."""
+    return is_distributed() and dist.get_backend() == "nccl"
+
+
+def convert_batchnorm(module: nn.Module, sync: bool = False) -> nn.Module:
+    """Replace every BatchNorm1d/2d with a global-batch one sharing its parameters, buffers and settings:
+    `nn.SyncBatchNorm` when `sync`, else `GlobalBatchNorm`. Both keep BatchNorm's state_dict keys, so a
+    checkpoint resumes across them."""
+    if sync:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     converted = module
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         converted = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,

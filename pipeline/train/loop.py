@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -139,6 +141,31 @@ def pick_data_path(config: Config, device: torch.device) -> str:
     return wanted
 
 
+def compile_view_ops(config: Config, device: torch.device) -> bool:
+    """`train.view_ops`: compiled (one fused torch.compile'd function after the crop), eager, or auto:
+    compiled on CUDA, where it saves most of the views' time, when a C compiler is there to build Triton's
+    launcher (the PyTorch runtime images have none: eager then, with a warning); eager on the CPU, where
+    compiling costs more than it saves in a short run."""
+    wanted = config.train.view_ops
+    if wanted not in ("auto", "compiled", "eager"):
+        raise UserError(f"train.view_ops must be auto, compiled or eager, not {wanted!r}")
+    if wanted == "eager" or (wanted == "auto" and device.type != "cuda"):
+        return False
+    if has_c_compiler():
+        return True
+    if wanted == "compiled":
+        raise UserError("train.view_ops=compiled needs a C compiler for torch.compile (none of CC, cc, gcc, clang "
+                        "found): install gcc or set train.view_ops=eager")
+    log.warning("no C compiler for torch.compile (CC, cc, gcc, clang): the GPU views' ops run eager, more slowly; "
+                "install gcc, or set train.view_ops=eager to say so")
+    return False
+
+
+def has_c_compiler() -> bool:
+    """What Triton (CUDA) and inductor's C++ backend (CPU) look for to build their kernels' host code."""
+    return any(shutil.which(name) for name in (os.environ.get("CC"), "cc", "gcc", "clang") if name)
+
+
 class StopFlag:
     """Set by SIGTERM/SIGINT; the loop checkpoints and exits at the next safe point."""
 
@@ -221,7 +248,7 @@ def set_up(config: Config, run_dir: Path) -> tuple[Run, Progress]:
 
     core: nn.Module = BarlowTwins(config.model)
     if world > 1:
-        core = distributed.convert_batchnorm(core)
+        core = distributed.convert_batchnorm(core, sync=distributed.uses_sync_batchnorm())
     memory_format = torch.channels_last if on_cuda else torch.preserve_format
     core.to(device, memory_format=memory_format)
     if on_cuda and not config.train.deterministic:
@@ -245,7 +272,7 @@ def set_up(config: Config, run_dir: Path) -> tuple[Run, Progress]:
     if config.train.compile:
         core.backbone.compile()
     views = TwoViews(config.views) if data_path == "cpu" else gpu_views.GpuTwoViews(
-        config.views, torch.bfloat16 if bf16 else torch.float32, compile=config.train.compile)
+        config.views, torch.bfloat16 if bf16 else torch.float32, compile=compile_view_ops(config, device))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     run = Run(config, run_dir, device, rank, world, plan, urls, core, model, optimizer, autocast, memory_format,
               data_path, views)
