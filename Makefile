@@ -11,7 +11,7 @@ FMNIST := $(or $(BARLOW_FASHION_MNIST_DIR),/usr/share/datasets/fashion-mnist)
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test install data browser bench clean
+.PHONY: demo test install data browser bench gpu-wheels clean
 
 demo: install data
 	$(BIN)/barlow demo --out $(DEMO_DIR)
@@ -50,6 +50,12 @@ browser:
 
 bench: install data
 	$(BIN)/python bench/train_throughput.py
+
+# What the GPU suite needs on a device machine, which reaches no registry, packed under .gpu/ (ignored) in
+# pieces of at most 60 MiB, and the device calls that carry them (docs/gpu-suite.md).
+GPU_PYTHON ?= 3.12
+gpu-wheels: install data
+	$(BIN)/python bench/gpu_wheels.py --python-version $(GPU_PYTHON)
 
 clean:
 	rm -rf runs .pytest_cache

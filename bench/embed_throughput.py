@@ -4,7 +4,7 @@ Embedding: end-to-end images/s of `barlow embed` (JPEG shards read, decoded and 
 DataLoader workers, ONNX Runtime in the main process, parquet parts written) against the raw model
 images/s (ONNX Runtime on ready uint8 batches) at the same batch and provider, and their ratio
 (target >= 0.9: the model is never starved). Both are steady-state rates, after session load and the
-first batch. Writes bench/results/embed-<device>-<date>.json.
+first batch. Writes bench/results/embed-<device>-<date>.json (--out: another folder).
 
 In the same run, the same images from a bucket: a moto S3 server on 127.0.0.1 (the tests' endpoint,
 tests/helpers_s3.py) gets them as (i) one object per image and (ii) the same tar shards, and `barlow
@@ -359,8 +359,9 @@ def bench_search(sizes: list[int], dims: list[int], queries: int, threads: int, 
     return records
 
 
-def save(record: dict, name: str) -> Path:
-    path = RESULTS / name
+def save(record: dict, name: str, out: Path = RESULTS) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
     write_record(path, record)
     return path
 
@@ -388,6 +389,7 @@ def main() -> int:
     parser.add_argument("--faiss-threads", type=int, default=1,
                         help="OpenMP threads for faiss (default 1: per-request latency, as concurrent requests see it)")
     parser.add_argument("--work-dir", type=Path, help="keep the model, shards and parts here (default: a temp dir)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON records (default bench/results)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
@@ -398,7 +400,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="bench-embed-") as tmp:
             work = args.work_dir or Path(tmp)
             record = bench_embed(args, work)
-        path = save(record, f"embed-{record['device']}-{date}.json")
+        path = save(record, f"embed-{record['device']}-{date}.json", args.out)
         print(json.dumps({k: record[k] for k in ("device", "embed_images_per_s", "raw_images_per_s", "ratio",
                                                  "s3_objects_images_per_s", "s3_shards_images_per_s", "s3_over_local",
                                                  "s3_requests_per_image") if k in record}))
@@ -419,7 +421,7 @@ def main() -> int:
                   "faiss_threads": args.faiss_threads, "load_average_before": os.getloadavg()[0],
                   "results": bench_search(args.search_n, args.search_dims, args.queries, args.faiss_threads),
                   "load_average_after": os.getloadavg()[0], "versions": versions(PACKAGES)}
-        path = save(record, f"search-{date}.json")
+        path = save(record, f"search-{date}.json", args.out)
         print(json.dumps(record["results"]))
         print(f"wrote {path}")
     return status
