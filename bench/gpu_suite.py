@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import io
 import json
 import lzma
@@ -407,14 +406,6 @@ class Pieces(io.RawIOBase):
             self.file = None
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def install_carried(carried: Path, site: Path, log: Path) -> dict:
     """Install what `make gpu-wheels` packed (bench/gpu_wheels.py): the wheels in base/wheels with pip (no
     index, no dependency resolution) and onnxruntime-gpu's site tree from its xz pieces, into `site`; point
@@ -445,7 +436,9 @@ def install_carried(carried: Path, site: Path, log: Path) -> dict:
         missing = [p["path"] for p in pieces if not (carried / p["path"]).is_file()
                    or (carried / p["path"]).stat().st_size != p["bytes"]]
         if pieces and not missing:
-            bad = [p["path"] for p in pieces if sha256(carried / p["path"]) != p["sha256"]]
+            from pipeline.runtime import sha256_file  # the repository is on sys.path (bench/common.py)
+
+            bad = [p["path"] for p in pieces if sha256_file(carried / p["path"]) != p["sha256"]]
             if bad:
                 result["onnxruntime_gpu"] = {"installed": False, "reason": f"pieces damaged: {', '.join(bad)}"}
             else:

@@ -44,6 +44,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+import common  # noqa: E402,F401  (puts the repository on sys.path)
+
+from pipeline.runtime import sha256_file  # noqa: E402
 
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_26_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux_2_5_x86_64", "manylinux1_x86_64")
@@ -55,14 +58,6 @@ ORT_TAR = "onnxruntime-gpu.tar.xz"
 
 def say(text: str) -> None:
     print(text, flush=True)
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def pins(path: Path) -> list[str]:
@@ -112,7 +107,7 @@ def slim_wheel(source: Path, dest_dir: Path) -> Path:
 
 def pack_onnxruntime(wheel: Path, cache: Path, python_version: str) -> Path:
     """onnxruntime-gpu slimmed, installed into a folder for the device's Python, as one .tar.xz (cached)."""
-    key = f"{wheel.stem}-{sha256(wheel)[:12]}-slim{SLIM_RECIPE}"
+    key = f"{wheel.stem}-{sha256_file(wheel)[:12]}-slim{SLIM_RECIPE}"
     packed = cache / f"{key}.tar.xz"
     if packed.is_file():
         say(f"onnxruntime-gpu: cached {packed.name} ({packed.stat().st_size / 2**20:.1f} MiB)")
@@ -238,7 +233,7 @@ def main() -> int:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": code, "python": args.python_version,
         "wheels": sorted(p.name for p in (base / "wheels").glob("*.whl")),
-        "onnxruntime_gpu": {"version": ort_pin.split("==")[1], "wheel": wheel.name, "wheel_sha256": sha256(wheel),
+        "onnxruntime_gpu": {"version": ort_pin.split("==")[1], "wheel": wheel.name, "wheel_sha256": sha256_file(wheel),
                             "dropped": list(SLIM_DROP), "archive": ORT_TAR, "bytes": packed.stat().st_size,
                             "pieces": pieces},
     }
