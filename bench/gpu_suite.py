@@ -408,9 +408,9 @@ class Pieces(io.RawIOBase):
 
 def install_carried(carried: Path, site: Path, log: Path) -> dict:
     """Install what `make gpu-wheels` packed (bench/gpu_wheels.py): the wheels in base/wheels with pip (no
-    index, no dependency resolution) and onnxruntime-gpu's site tree from its xz pieces, into `site`; point
-    BARLOW_FASHION_MNIST_DIR at base/fashion-mnist. What is missing is reported, never fatal: the stages
-    that need it are skipped."""
+    index, no dependency resolution) and onnxruntime-gpu's site tree from its xz pieces, into `site`; its
+    `env` points BARLOW_FASHION_MNIST_DIR at base/fashion-mnist. What is missing is reported, never fatal:
+    the stages that need it are skipped."""
     started = time.monotonic()
     result: dict = {"carried": str(carried), "site": str(site)}
     manifest_path = carried / "base" / "manifest.json"
@@ -459,11 +459,11 @@ def install_carried(carried: Path, site: Path, log: Path) -> dict:
                           "last (the machine keeps them only while it stays warm, 30 s)"}
         output.write(f"{json.dumps(result)}\n".encode())
     fmnist = carried / "base" / "fashion-mnist"
+    env = result["env"] = {}  # for the caller to export: this function leaves os.environ alone
     if (fmnist / "train-images-idx3-ubyte.gz").is_file() and "BARLOW_FASHION_MNIST_DIR" not in os.environ:
-        os.environ["BARLOW_FASHION_MNIST_DIR"] = str(fmnist.resolve())
-        result["fashion_mnist"] = str(fmnist)
-    if manifest.get("commit"):
-        os.environ.setdefault("BARLOW_COMMIT", manifest["commit"])  # where .git did not travel
+        env["BARLOW_FASHION_MNIST_DIR"] = str(fmnist.resolve())
+    if manifest.get("commit") and "BARLOW_COMMIT" not in os.environ:
+        env["BARLOW_COMMIT"] = manifest["commit"]  # where .git did not travel
     result["seconds"] = round(time.monotonic() - started, 1)
     return result
 
@@ -788,6 +788,7 @@ def main() -> int:
         (args.work / "logs").mkdir(parents=True, exist_ok=True)
         try:
             install = install_carried(args.carried, args.site, args.work / "logs" / "install.log")
+            os.environ.update(install.get("env", {}))
         except Exception as exc:  # noqa: BLE001 - the stages that need it say so; the rest still runs
             install = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         print(f"[suite] install: {json.dumps(install)}", flush=True)

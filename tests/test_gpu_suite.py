@@ -156,8 +156,9 @@ def test_install_carried_reassembles_the_pieces_and_installs_the_wheels(tmp_path
     assert result["wheels"] == {"count": 1, "ok": True}
     assert "VALUE = 'gpu'" in (site / "fakeort" / "__init__.py").read_text()
     assert (site / "gpusuitedummy" / "__init__.py").is_file()
-    assert os.environ["BARLOW_FASHION_MNIST_DIR"] == str((carried / "base" / "fashion-mnist").resolve())
-    assert os.environ["BARLOW_COMMIT"] == "abc1234"
+    assert result["env"] == {"BARLOW_FASHION_MNIST_DIR": str((carried / "base" / "fashion-mnist").resolve()),
+                             "BARLOW_COMMIT": "abc1234"}
+    assert "BARLOW_FASHION_MNIST_DIR" not in os.environ, "the caller exports it; the test process stays clean"
 
     (carried / "ort-2" / "onnxruntime-gpu.tar.xz.part-2").unlink()  # the machine went back between calls
     result = suite.install_carried(carried, tmp_path / "site2", tmp_path / "install.log")
