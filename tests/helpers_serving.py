@@ -99,3 +99,14 @@ def log_tail(server, chars: int = 4000) -> str:
     """The end of a `serve.Server`'s log file, for assertion messages."""
     path = server.log_path
     return path.read_text(errors="replace")[-chars:] if path and path.exists() else ""
+
+
+def served(model_dir: Path, tmp: Path, index_dir: Path | None = None, **env: str):
+    """A real `bentoml serve` of MODEL_DIR (BARLOW_* settings as keywords, BentoML's home in `tmp`) for a
+    module-scoped fixture to `yield from`: it must stop cleanly (exit 0) when the module is done."""
+    from pipeline.serve import start_server
+
+    env = {"BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true", **env}
+    running = start_server(model_dir, env=env, index_dir=index_dir, log_file=tmp / "server.log")
+    yield running
+    assert running.stop() == 0, log_tail(running)

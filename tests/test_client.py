@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.serve import free_port, start_server
+from pipeline.serve import free_port
 from serving.client import NPY, ApiError, Client, array_image, as_images, limit_from, multipart
 
-from helpers_serving import encode, exported_model, log_tail, photo, sample_images
+from helpers_serving import encode, exported_model, photo, sample_images, served
 
 TOKEN = "client-token"
 MAX_IMAGES = 4
@@ -120,11 +120,7 @@ def server(tmp_path_factory, photo_dir):
     _, model_dir = exported_model(tmp, "client")
     embed(model_dir, str(photo_dir), tmp / "emb", batch_size=8, workers=0)
     build_index(tmp / "emb", tmp / "index")
-    env = {"BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true", "BARLOW_API_TOKEN": TOKEN,
-           "BARLOW_MAX_IMAGES": str(MAX_IMAGES)}
-    running = start_server(model_dir, env=env, index_dir=tmp / "index", log_file=tmp / "server.log")
-    yield running
-    assert running.stop() == 0, log_tail(running)
+    yield from served(model_dir, tmp, tmp / "index", BARLOW_API_TOKEN=TOKEN, BARLOW_MAX_IMAGES=str(MAX_IMAGES))
 
 
 class Seen:

@@ -16,10 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.export import export_model
-from pipeline.serve import start_server
 
 from helpers_fuzz import check_response, hostile_image, seed_images
-from helpers_serving import log_tail, make_run_dir
+from helpers_serving import log_tail, make_run_dir, served
 
 pytestmark = pytest.mark.slow
 
@@ -32,10 +31,7 @@ OUTCOMES: Counter = Counter()
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("fuzz")
     export_model(make_run_dir(base / "run-fuzz"), base / "model")
-    env = {"BENTOML_HOME": str(base / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}  # default limits
-    running = start_server(base / "model", env=env, log_file=base / "server.log")
-    yield running
-    assert running.stop() == 0, log_tail(running)
+    yield from served(base / "model", base)  # default limits
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from pipeline.embed.search import SearchIndex
 from pipeline.errors import UserError
 
 from helpers_embed import clustered_vectors, fmnist_copy, other_model, read_rows, shared_embeddings, shared_model
-from helpers_serving import log_tail
+from helpers_serving import served
 
 TOKEN = "search-token"
 QUERIES = (3, 77, 150, 199)  # Fashion-MNIST test images inside the 200 indexed ones
@@ -174,14 +174,8 @@ def test_ivf_pq_trains_on_a_sample_and_keeps_recall_against_flat(tmp_path):
 @pytest.fixture(scope="module")
 def server(model_dir, index_dir, tmp_path_factory):
     """A real `bentoml serve` of the shared model with its index, behind a token (the page's tests use it too)."""
-    from pipeline.serve import start_server
-
-    tmp = tmp_path_factory.mktemp("search-server")
-    env = {"BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true", "BARLOW_API_TOKEN": TOKEN,
-           "BARLOW_MAX_IMAGES": "4"}
-    running = start_server(model_dir, env=env, index_dir=index_dir, log_file=tmp / "server.log")
-    yield running
-    assert running.stop() == 0, log_tail(running)
+    yield from served(model_dir, tmp_path_factory.mktemp("search-server"), index_dir, BARLOW_API_TOKEN=TOKEN,
+                      BARLOW_MAX_IMAGES="4")
 
 
 @pytest.fixture()
@@ -313,7 +307,7 @@ def test_search_page_in_a_real_browser(server, query_files):
         driver.save_screenshot(str(ARTIFACTS / "search-page.png"))
 
         second = shown[1][0]
-        driver.find_element("css selector", f"#neighbours li[data-rank='2']").click()
+        driver.find_element("css selector", "#neighbours li[data-rank='2']").click()
         assert second in wait_for_search(driver, second)
         after = rendered(driver)
         assert len(after) == 12 and second not in [key for key, _ in after] and all(w > 0 for _, w in after)

@@ -33,7 +33,8 @@ from pipeline.runtime import OnnxModel, resolve_model_dir, usable_cpus
 from pipeline.serve import PROJECT_ROOT, free_port, start_server, wait_ready
 from serving.responses import decode_base64_body
 
-from helpers_serving import encode, exported_model, log_tail, photo, sample_images, torch_embed, torch_reference
+from helpers_serving import (encode, exported_model, log_tail, photo, sample_images, served, torch_embed,
+                             torch_reference)
 
 pytestmark = pytest.mark.slow
 
@@ -54,14 +55,10 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model, tmp_path_factory):
-    _, model_dir = model
-    tmp = tmp_path_factory.mktemp("server")
     # BARLOW_PAD_BATCHES=1: the GPU path (batches padded to bucket shapes) runs here on the CPU too.
-    env = {**bentoml_env(tmp), "BARLOW_API_TOKEN": TOKEN, "BARLOW_MAX_IMAGES": str(MAX_IMAGES),
-           "BARLOW_MAX_PIXELS": str(MAX_PIXELS), "BARLOW_MAX_BATCH": "32", "BARLOW_PAD_BATCHES": "1"}
-    running = start_server(model_dir, env=env, log_file=tmp / "server.log")
-    yield running
-    assert running.stop() == 0, log_tail(running)
+    yield from served(model[1], tmp_path_factory.mktemp("server"), BARLOW_API_TOKEN=TOKEN,
+                      BARLOW_MAX_IMAGES=str(MAX_IMAGES), BARLOW_MAX_PIXELS=str(MAX_PIXELS), BARLOW_MAX_BATCH="32",
+                      BARLOW_PAD_BATCHES="1")
 
 
 @pytest.fixture()
@@ -441,12 +438,9 @@ def encoder_decoding_server(model, tmp_path_factory):
     """The GPU configuration, on CPU tensors: the encoder in its own process, fed by one HTTP worker,
     decodes the JPEGs."""
     tmp = tmp_path_factory.mktemp("encoder-decode")
-    env = {**bentoml_env(tmp), "BARLOW_ENCODER": "process", "BARLOW_DECODE": "encoder", "BARLOW_WORKERS": "1",
-           "BARLOW_MAX_IMAGES": str(MAX_IMAGES), "BARLOW_ACCESS_LOG": "1",
-           "BARLOW_MAX_PIXELS": str(MAX_PIXELS), "BARLOW_MAX_BATCH": "32"}
-    running = start_server(model[1], env=env, log_file=tmp / "server.log")
-    yield running
-    assert running.stop() == 0, log_tail(running)
+    yield from served(model[1], tmp, BARLOW_ENCODER="process", BARLOW_DECODE="encoder", BARLOW_WORKERS="1",
+                      BARLOW_MAX_IMAGES=str(MAX_IMAGES), BARLOW_ACCESS_LOG="1", BARLOW_MAX_PIXELS=str(MAX_PIXELS),
+                      BARLOW_MAX_BATCH="32")
 
 
 def cosines(a, b) -> np.ndarray:
